@@ -1,0 +1,103 @@
+"""Attention rollout and per-head maps: the maths, the grids, the PNGs, the command."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mixer_vit import attention
+
+
+def _random_attention(rng, layers, batch, heads, tokens):
+  logits = rng.normal(size=(layers, batch, heads, tokens, tokens)) * 3
+  a = np.exp(logits - logits.max(-1, keepdims=True))
+  return a / a.sum(-1, keepdims=True)
+
+
+def test_rollout_rows_are_distributions():
+  rng = np.random.default_rng(0)
+  att = _random_attention(rng, layers=4, batch=2, heads=3, tokens=1 + 6)
+  joint = attention.rollout(att)
+  assert joint.shape == (2, 7, 7)
+  assert np.all(joint >= 0)
+  np.testing.assert_allclose(joint.sum(-1), 1.0, atol=1e-9)
+
+
+def test_rollout_matches_the_definition_by_hand():
+  rng = np.random.default_rng(1)
+  att = _random_attention(rng, layers=3, batch=1, heads=2, tokens=5)
+  eye = np.eye(5)
+  per_layer = [(a.mean(0) + eye) / (a.mean(0) + eye).sum(-1, keepdims=True) for a in att[:, 0]]
+  expected = per_layer[2] @ per_layer[1] @ per_layer[0]
+  np.testing.assert_allclose(attention.rollout(att)[0], expected, rtol=1e-10)
+
+
+def test_rollout_of_uniform_attention_is_uniform_off_the_residual():
+  # One layer, uniform attention: (U + I) / 2 -> row i is 1/(2T) everywhere plus 1/2 at i.
+  t = 4
+  att = np.full((1, 1, 2, t, t), 1.0 / t)
+  joint = attention.rollout(att)[0]
+  np.testing.assert_allclose(joint, np.full((t, t), 0.5 / t) + 0.5 * np.eye(t))
+
+
+def test_token_map_reads_the_class_row_and_gap_the_row_mean():
+  grid = (2, 3)
+  rng = np.random.default_rng(2)
+  m = rng.random((1 + 6, 1 + 6))
+  cls_map = attention.token_map(m, grid, "token")
+  expected = m[0, 1:] / m[0, 1:].sum()
+  np.testing.assert_allclose(cls_map, expected.reshape(grid))
+  g = rng.random((6, 6))
+  gap_map = attention.token_map(g, grid, "gap")
+  expected = g.mean(0) / g.mean(0).sum()
+  np.testing.assert_allclose(gap_map, expected.reshape(grid))
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+@pytest.mark.parametrize("grid", [(3, 5), (4, 2), (1, 1)])
+def test_map_shapes_follow_the_patch_grid(classifier, grid):
+  rng = np.random.default_rng(3)
+  tokens = grid[0] * grid[1] + (1 if classifier == "token" else 0)
+  att = _random_attention(rng, layers=2, batch=3, heads=4, tokens=tokens)
+  rolled = attention.rollout_map(att, grid, classifier)
+  assert rolled.shape == (3,) + grid
+  np.testing.assert_allclose(rolled.sum((-2, -1)), 1.0, atol=1e-9)
+  heads = attention.head_maps(att, grid, classifier, layer=-1)
+  assert heads.shape == (3, 4) + grid
+  np.testing.assert_allclose(heads.sum((-2, -1)), 1.0, atol=1e-6)
+
+
+def test_patch_grid_from_tokens_and_aspect():
+  # 48x80 image, 16x16 patches: 3x5 grid + class token.
+  assert attention.patch_grid(1 + 15, (48, 80), "token") == (3, 5)
+  assert attention.patch_grid(15, (80, 48), "gap") == (5, 3)
+  assert attention.patch_grid(1 + 196, (224, 224), "token") == (14, 14)
+
+
+def test_patch_grid_from_config_for_plain_and_hybrid():
+  import ml_collections
+  plain = ml_collections.ConfigDict({"patches": {"size": (16, 16)}})
+  assert attention.patch_grid(1 + 2 * 7, (32, 112), "token", plain) == (2, 7)
+  hybrid = ml_collections.ConfigDict(
+      {"patches": {"size": (1, 1)}, "resnet": {"num_layers": (3, 4, 9), "width_factor": 1}})
+  # ResNet-50 stem of the hybrids: stride 16 with 'SAME' padding -> ceil(40/16)=3, ceil(72/16)=5.
+  assert attention.patch_grid(1 + 15, (40, 72), "token", hybrid) == (3, 5)
+
+
+def test_bad_attention_shape_says_what_to_pass():
+  with pytest.raises(ValueError, match="return_intermediates"):
+    attention.rollout(np.ones((2, 3, 3)))
+  with pytest.raises(ValueError, match="out of range"):
+    attention.head_maps(np.ones((2, 1, 1, 2, 2)) / 2, (1, 1), "token", layer=5)
+
+
+def test_overlay_png_has_the_image_size(tmp_path):
+  rng = np.random.default_rng(4)
+  image = rng.integers(0, 256, size=(60, 100, 3), dtype=np.uint8)
+  heat = rng.random((3, 5))
+  path = attention.save_overlay_png(str(tmp_path / "o.png"), image, heat)
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    assert im.size == (100, 60)
+  # The hottest patch is brightest in the overlay's heat channel.
+  out = attention.overlay(np.zeros((60, 100, 3), np.uint8), np.eye(3, 5)[:, :5], alpha=1.0)
+  assert out[10, 10].sum() > out[50, 90].sum()
