@@ -1,0 +1,125 @@
+"""Training config helpers: the shared defaults, argument parsing and JSON round trips.
+
+Every config file in ``configs/`` starts from ``base_config()`` so all of them have the same keys
+(the ones scripts and ``mixer_vit.train`` rely on) and ``--config.KEY=VALUE`` works for each.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every key the trainer and the data pipeline read.
+
+  The config files override what their recipe needs. Keys that may hold either ``None`` or a value
+  are declared with a placeholder type so that command-line overrides parse (e.g.
+  ``--config.pretrained=/path/to.npz``).
+  """
+  c = ml_collections.ConfigDict()
+
+  # Data (read by mixer_vit.data).
+  c.dataset = 'digits'
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.train_split = 'train'
+  c.test_split = 'test'
+  c.pp_train = 'decode|value_range(-1,1)|onehot'
+  c.pp_test = 'decode|value_range(-1,1)|onehot'
+  c.batch_size = 128  # Global, over all devices of all hosts.
+  c.eval_batch_size = 256  # Global.
+  c.seed = 0
+  c.shuffle_buffer = 10_000
+  c.prefetch = 2
+  c.skip_corrupt = False
+
+  # Model: a registry name plus overrides for models.get_model_config (num_classes comes from
+  # the data set).
+  c.model_name = 'testing'
+  c.model = ml_collections.ConfigDict()
+  c.dtype = 'float32'  # Compute dtype ('bfloat16' for speed); parameters stay float32.
+  # A `.npz` checkpoint (local or gs://) to start from: its head is replaced and its position
+  # embeddings are resized to this model (checkpoint.load_pretrained).
+  c.pretrained = ml_collections.FieldReference(None, field_type=str)
+
+  # Optimisation.
+  c.total_steps = 1000
+  c.optimizer = 'adamw'  # 'adamw' | 'sgd' (momentum).
+  c.lr = 1e-3  # Peak learning rate.
+  c.schedule = 'cosine'  # 'cosine' | 'linear' | 'constant', after a linear warmup from 0.
+  c.warmup_steps = 100
+  c.lr_end = 0.0  # Learning rate at the end of the decay.
+  c.momentum = 0.9  # SGD momentum, or Adam's b1.
+  c.b2 = 0.999  # Adam's b2.
+  c.mu_dtype = ml_collections.FieldReference(None, field_type=str)  # Momentum buffer dtype.
+  # Decoupled weight decay on the kernels: each step multiplies them by (1 - weight_decay * s),
+  # where s is the schedule's factor in [0, 1] (the learning rate relative to its peak), i.e.
+  # NOT scaled by `lr`. optax.adamw(weight_decay=w) equals weight_decay = w * lr here.
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 1.0  # Global-norm clipping; 0 or None turns it off.
+  c.accum_steps = 1  # Micro-batches per step (gradient accumulation inside the jitted step).
+  c.loss = 'softmax_xent'  # 'softmax_xent' | 'sigmoid_xent'.
+
+  # Bookkeeping (in steps).
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  return c
+
+
+def parse_arg(arg: str | None, positional: tuple[str, ...] = (), **defaults: Any
+              ) -> ml_collections.ConfigDict:
+  """Parses a config-file argument like ``ViT-B_16,cifar10`` or ``model=ViT-B_16,steps=100``.
+
+  Args:
+    arg: The text after ``:`` in ``--config=FILE.py:ARG`` (None or empty for defaults).
+    positional: Names of the values that may be given without ``name=``, in order.
+    **defaults: Every accepted name and its default; the default's type converts the text.
+
+  Returns:
+    A ConfigDict with one entry per name in ``defaults``.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for i, part in enumerate(p.strip() for p in arg.split(',')):
+    if '=' in part:
+      name, value = (s.strip() for s in part.split('=', 1))
+    elif i < len(positional):
+      name, value = positional[i], part
+    else:
+      raise ValueError(f'config argument {arg!r}: cannot place {part!r}; give it as name=value '
+                       f'with a name from {sorted(defaults)}.')
+    if name not in defaults:
+      raise ValueError(f'config argument {arg!r}: unknown name {name!r}; known names: '
+                       f'{sorted(defaults)}.')
+    default = defaults[name]
+    if isinstance(default, bool):
+      value = value.lower() in ('1', 'true', 'yes')
+    elif default is not None:
+      value = type(default)(value)
+    result[name] = value
+  return result
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (tuples become lists)."""
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _tuples(value: Any) -> Any:
+  """JSON has no tuples; configs use them for shapes (patch sizes), lists nowhere."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of ``to_json`` for the values configs hold."""
+  return ml_collections.ConfigDict(_tuples(json.loads(text)))

@@ -1,0 +1,147 @@
+"""Where training numbers go: TensorBoard and ``metrics.jsonl`` in the workdir, and the console.
+
+``metrics.jsonl`` holds one JSON object per write, ``{"step": S, "name": value, ...}``, so scripts
+can read a run's history without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+from clu import metric_writers
+import numpy as np
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends each ``write_scalars`` call as one JSON line; other kinds of summary are ignored."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    row = {'step': int(step)}
+    row.update({k: _plain(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    if not self._file.closed:
+      self._file.close()
+
+
+def _plain(value: Any) -> Any:
+  """A JSON-serialisable Python number (NaN and inf are written as JSON's NaN/Infinity)."""
+  value = np.asarray(value)
+  if value.dtype.kind in 'iu':
+    return int(value)
+  if value.dtype.kind == 'b':
+    return bool(value)
+  return float(value)
+
+
+def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricWriter:
+  """TensorBoard events and ``metrics.jsonl`` in ``workdir`` (only the primary process writes)."""
+  if not is_primary:
+    return metric_writers.MultiWriter([])
+  os.makedirs(workdir, exist_ok=True)
+  return metric_writers.MultiWriter([
+      metric_writers.SummaryWriter(workdir),
+      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
+  ])
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """All rows of a ``metrics.jsonl`` file, in order."""
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class Throughput:
+  """Images per second and time left, over training time only (evaluation and checkpointing are
+  excluded with ``pause``/``resume``). The first interval includes compilation; later ones not."""
+
+  def __init__(self, batch_size: int, total_steps: int, start_step: int):
+    self._batch_size = batch_size
+    self._total = total_steps
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self._paused_at: float | None = None
+    self._steps_per_s = float('nan')
+
+  def pause(self):
+    self._paused_at = time.perf_counter()
+
+  def resume(self):
+    if self._paused_at is not None:
+      self._last_time += time.perf_counter() - self._paused_at
+      self._paused_at = None
+
+  def update(self, step: int) -> dict[str, float]:
+    """Rates since the previous ``update``; call when the step's results are ready."""
+    now = time.perf_counter()
+    steps, seconds = step - self._last_step, now - self._last_time
+    if steps > 0 and seconds > 0:
+      self._steps_per_s = steps / seconds
+    self._last_step, self._last_time = step, now
+    eta = (self._total - step) / self._steps_per_s if self._steps_per_s > 0 else float('nan')
+    return {'img_per_s': self._steps_per_s * self._batch_size, 'eta_s': eta}
+
+
+def console_line(step: int, total_steps: int, values: Mapping[str, float]) -> str:
+  """One progress line: ``step 100/1000  loss 0.4321  lr 1.0e-03  2500 img/s  ETA 1m12s``."""
+  parts = [f'step {step}/{total_steps}']
+  if 'loss' in values:
+    parts.append(f'loss {values["loss"]:.4f}')
+  if 'lr' in values:
+    parts.append(f'lr {values["lr"]:.2e}')
+  if 'img_per_s' in values and math.isfinite(values['img_per_s']):
+    parts.append(f'{values["img_per_s"]:.0f} img/s')
+  if 'eta_s' in values:
+    parts.append(f'ETA {format_duration(values["eta_s"])}')
+  for k, v in values.items():
+    if k.startswith('test_'):
+      parts.append(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}')
+  return '  '.join(parts)
+
+
+def log(line: str):
+  logging.info('%s', line)
