@@ -1,0 +1,247 @@
+"""Training and evaluation batches: per-process reading, preprocessing, global device arrays.
+
+Each process reads its own disjoint part of a split (see ``sources``), preprocesses it with the
+split's pp string, batches ``global_batch / process_count`` examples and hands them to
+``parallel.shard_batch``, which assembles the global ``jax.Array`` laid out over the mesh. The
+local batch therefore depends on the number of processes but never on the number of devices.
+
+Training: the example at stream position ``q`` of process ``p`` and its random augmentation are
+functions of (seed, p, q) only, and step ``s`` holds positions ``[s*B, (s+1)*B)``; so
+``start_step=s`` continues exactly where an uninterrupted run would be.
+
+Evaluation: every example of the split is read once; the last batch is padded with zero images
+whose ``mask`` is False, and all processes yield the same number of batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mixer_vit import parallel
+from mixer_vit.data import preprocess
+from mixer_vit.data import sources
+from mixer_vit.data.folder import CorruptImageError
+
+RNG_SALT = 0xA06A1E
+_get = sources.get_config_value
+
+
+def _required(config, key):
+  value = _get(config, key)
+  if value is None or value == "":
+    raise ValueError(f"config.{key} is not set; the data pipeline needs it")
+  return value
+
+
+def get_info(config: Any) -> sources.DatasetInfo:
+  """Class count, class names and the sizes of ``config.train_split`` and ``config.test_split``."""
+  source = sources.open_source(config)
+  return source.info([_get(config, "train_split", "train"), _get(config, "test_split", "test")])
+
+
+def _threads(config) -> int:
+  return int(_get(config, "data_threads", 0)) or max(1, os.cpu_count() or 1)
+
+
+def _options(config) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = _threads(config)
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _example_fn(pp: str, num_classes: int, seed: int, process_index: int, with_ids: bool):
+  """Example from a split -> preprocessed ``{'image', 'labels'}`` with its per-example seed."""
+  pp_fn = preprocess.get_preprocess_fn(pp, num_classes=num_classes)
+  base = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, RNG_SALT], tf.int64), process_index)
+
+  def fn(example):
+    rng = tf.random.experimental.stateless_fold_in(base, example["_position"])
+    out = pp_fn({"image": example["image"], "label": example["label"], "_rng": rng})
+    image, labels = out.get("image"), out.get("labels")
+    if image is None or image.dtype != tf.float32 or image.shape.rank != 3:
+      raise ValueError(f"preprocessing {pp!r} must give a float32 (H, W, C) 'image', got "
+                       f"{image!r}; end the image ops with value_range(-1, 1)")
+    if labels is None or labels.shape.rank != 1:
+      raise ValueError(f"preprocessing {pp!r} must give one-hot 'labels'; add 'onehot'")
+    result = {"image": image, "labels": labels}
+    if with_ids:
+      result["index"] = example["_index"]
+    return result
+  return fn
+
+
+def local_train_dataset(config: Any, process_index: int, process_count: int,
+                        local_batch_size: int, start_step: int = 0,
+                        with_ids: bool = False) -> tf.data.Dataset:
+  """This process's endless stream of training batches (numpy-side; no devices involved)."""
+  source = sources.open_source(config)
+  split = source.split(_get(config, "train_split", "train"))
+  seed = int(_get(config, "seed", 0))
+  ds = split.train_dataset(process_index, process_count, seed, start_step * local_batch_size)
+  ds = ds.map(_example_fn(_required(config, "pp_train"), source.num_classes, seed,
+                          process_index, with_ids),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds.prefetch(int(_get(config, "prefetch", 2)) or tf.data.AUTOTUNE)
+  return ds.with_options(_options(config))
+
+
+def local_eval_dataset(config: Any, process_index: int, process_count: int, local_batch_size: int,
+                       split: str | None = None, with_ids: bool = False) -> tf.data.Dataset:
+  """This process's part of the evaluation split, batched, last batch partial (not padded)."""
+  source = sources.open_source(config)
+  split_name = split or _get(config, "test_split", "test")
+  pp = _required(config, "pp_test")
+  if not preprocess.is_deterministic(pp):
+    raise ValueError(f"pp_test {pp!r} has random ops; evaluation must be deterministic (use "
+                     "e.g. resize/central_crop instead of inception_crop/flip_lr)")
+  ds = source.split(split_name).eval_dataset(process_index, process_count)
+  ds = ds.map(_example_fn(pp, source.num_classes, 0, process_index, with_ids),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size).prefetch(int(_get(config, "prefetch", 2)) or tf.data.AUTOTUNE)
+  return ds.with_options(_options(config))
+
+
+def _device_prefetch(batches: Iterator[dict], mesh, size: int) -> Iterator[dict]:
+  """Puts the next ``size`` batches on the devices while the current one is used."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(parallel.shard_batch(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _corrupt_error(split, indices, error) -> Exception:
+  bad = split.find_corrupt(indices) if indices is not None else []
+  if not bad:
+    return error
+  return CorruptImageError(
+      f"cannot decode image file(s): {'; '.join(bad)}. Fix or remove them, or set "
+      "config.skip_corrupt=True to leave corrupt files out (they are then counted in the log).")
+
+
+class TrainIterator:
+  """Endless iterator of global training batches ``{'image', 'labels'}`` from ``start_step``."""
+
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh, start_step: int = 0):
+    self.process_index, self.process_count = parallel.process_shard(mesh)
+    self.local_batch_size = parallel.process_batch_size(int(_required(config, "batch_size")),
+                                                        mesh)
+    self.seed = int(_get(config, "seed", 0))
+    self.step = int(start_step)  # The step of the next batch.
+    self._split = sources.open_source(config).split(_get(config, "train_split", "train"))
+    ds = local_train_dataset(config, self.process_index, self.process_count,
+                             self.local_batch_size, start_step=self.step)
+    self._batches = _device_prefetch(self._numpy_batches(ds.as_numpy_iterator()), mesh,
+                                     int(_get(config, "device_prefetch", 2)))
+
+  def _numpy_batches(self, it):
+    step = self.step
+    while True:
+      try:
+        batch = next(it)
+      except tf.errors.OpError as e:
+        b = self.local_batch_size
+        indices = self._split.train_indices(self.process_index, self.process_count, self.seed,
+                                            np.arange(step * b, (step + 1) * b))
+        raise _corrupt_error(self._split, indices, e) from e
+      step += 1
+      yield batch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    batch = next(self._batches)
+    self.step += 1
+    return batch
+
+
+class EvalIterable:
+  """One full pass per ``iter()``: global batches ``{'image', 'labels', 'mask'}``.
+
+  Attributes:
+    num_examples: examples in the split (over all processes); the masks add up to it.
+    num_batches: batches per pass, the same in every process.
+    last_count: examples with mask True that this process yielded in its last complete pass.
+  """
+
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh, split: str | None = None):
+    self._config = config
+    self._mesh = mesh
+    self.split_name = split or _get(config, "test_split", "test")
+    self.process_index, self.process_count = parallel.process_shard(mesh)
+    batch_size = int(_get(config, "eval_batch_size", 0) or _required(config, "batch_size"))
+    self.local_batch_size = parallel.process_batch_size(batch_size, mesh)
+    self._split = sources.open_source(config).split(self.split_name)
+    self.num_examples = self._split.num_examples
+    largest = math.ceil(self.num_examples / self.process_count)
+    self.num_batches = math.ceil(largest / self.local_batch_size)
+    self.last_count = None
+    self._device_prefetch = int(_get(config, "device_prefetch", 2))
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def local_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """This process's padded numpy batches (what ``__iter__`` shards over the mesh)."""
+    ds = local_eval_dataset(self._config, self.process_index, self.process_count,
+                            self.local_batch_size, split=self.split_name)
+    spec = ds.element_spec
+    b = self.local_batch_size
+    it = ds.as_numpy_iterator()
+    template, count = None, 0
+    for i in range(self.num_batches):
+      try:
+        batch = next(it, None)
+      except tf.errors.OpError as e:
+        indices = self._split.eval_indices(self.process_index, self.process_count,
+                                           np.arange(i * b, (i + 1) * b))
+        indices = indices[indices < self.num_examples] if indices is not None else None
+        raise _corrupt_error(self._split, indices, e) from e
+      if batch is None:
+        if template is None:
+          template = {k: np.zeros((b,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
+                      for k, s in spec.items()}
+        yield {**template, "mask": np.zeros((b,), bool)}
+        continue
+      n = len(batch["labels"])
+      count += n
+      if n < b:
+        batch = {k: np.concatenate([v, np.zeros((b - n,) + v.shape[1:], v.dtype)])
+                 for k, v in batch.items()}
+      template = {k: np.zeros_like(v) for k, v in batch.items()}
+      yield {**batch, "mask": np.arange(b) < n}
+    if next(it, None) is not None:
+      raise AssertionError("evaluation pass longer than computed; please report this bug")
+    self.last_count = count
+    logging.info("Evaluated %d examples of %s in process %d of %d", count, self.split_name,
+                 self.process_index, self.process_count)
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return _device_prefetch(self.local_batches(), self._mesh, self._device_prefetch)
+
+
+def make_train_iterator(config: Any, mesh: jax.sharding.Mesh, start_step: int = 0
+                        ) -> TrainIterator:
+  """Endless global training batches; batch ``s`` depends only on (seed, s, process count)."""
+  return TrainIterator(config, mesh, start_step)
+
+
+def make_eval_iterator(config: Any, mesh: jax.sharding.Mesh, split: str | None = None
+                       ) -> EvalIterable:
+  """One exact pass over the evaluation split per iteration (padded, with ``mask``)."""
+  return EvalIterable(config, mesh, split)

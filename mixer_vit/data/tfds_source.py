@@ -1,0 +1,135 @@
+"""tfds data sets: find the prepared copy in ``data_dir`` and open it without any network access.
+
+``tfds.load`` of a data set that is not prepared starts a download and, without network, retries
+for minutes. Here the prepared directory ``<data_dir>/<name>[/<config>]/<version>`` is looked up
+first and read with ``tfds.builder_from_directory`` (no registry, no network). When it is missing,
+a download is tried only if the network answers within a few seconds; otherwise a
+``NotPreparedError`` says at once how to prepare the data set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from mixer_vit.data import digits
+
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+_PROBE_HOST = ("storage.googleapis.com", 443)
+_PROBE_TIMEOUT_S = 3.0
+
+
+class NotPreparedError(FileNotFoundError):
+  """The tfds data set is not in data_dir and cannot be downloaded now."""
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+  """``data_dir``, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds's own default)."""
+  if data_dir:
+    return os.path.expanduser(str(data_dir))
+  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def parse_name(name: str) -> tuple[str, str | None, str | None]:
+  """``'name/config:1.2.3'`` -> ``('name', 'config', '1.2.3')``."""
+  version = None
+  if ":" in name:
+    name, version = name.split(":", 1)
+  config = None
+  if "/" in name:
+    name, config = name.split("/", 1)
+  return name, config, version
+
+
+def _versions(path: str) -> list[str]:
+  """Prepared versions under ``path`` (directories holding dataset_info.json), newest first."""
+  if not tf.io.gfile.isdir(path):
+    return []
+  found = [v.rstrip("/") for v in tf.io.gfile.listdir(path)]
+  found = [v for v in found if _VERSION_RE.match(v)
+           and tf.io.gfile.exists(os.path.join(path, v, "dataset_info.json"))]
+  return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")), reverse=True)
+
+
+def find_prepared(name: str, data_dir: str) -> str | None:
+  """The prepared builder directory of ``name`` in ``data_dir``, or None."""
+  base, config, version = parse_name(name)
+  root = os.path.join(data_dir, base)
+  if config is None and tf.io.gfile.isdir(root) and not _versions(root):
+    configs = [c.rstrip("/") for c in tf.io.gfile.listdir(root)
+               if _versions(os.path.join(root, c.rstrip("/")))]
+    if len(configs) == 1:
+      config = configs[0]
+    elif configs:
+      try:  # The registered default config, when tfds knows the data set (no network needed).
+        cls = tfds.builder_cls(base)
+        config = (getattr(cls, "DEFAULT_BUILDER_CONFIG_NAME", None)
+                  or cls.BUILDER_CONFIGS[0].name)
+      except Exception:  # pylint: disable=broad-except
+        raise ValueError(f"tfds data set {base!r} in {data_dir} has several configs "
+                         f"{sorted(configs)}; name one, e.g. '{base}/{sorted(configs)[0]}'") from None
+  if config is not None:
+    root = os.path.join(root, config)
+  versions = _versions(root)
+  if version is not None:
+    versions = [v for v in versions if v == version]
+  return os.path.join(root, versions[0]) if versions else None
+
+
+def network_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
+  """Whether a TCP connection to Google Cloud Storage opens within ``timeout`` (DNS included)."""
+  result = []
+
+  def probe():
+    try:
+      with socket.create_connection(_PROBE_HOST, timeout=timeout):
+        result.append(True)
+    except OSError:
+      result.append(False)
+
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout + 0.5)
+  return bool(result and result[0])
+
+
+def _not_prepared_message(name: str, data_dir: str) -> str:
+  base = parse_name(name)[0]
+  lines = [
+      f"tfds data set {name!r} is not prepared in data_dir {data_dir!r} (no "
+      f"{os.path.join(data_dir, base)}/[<config>/]<version>/dataset_info.json) and the network is "
+      "not reachable, so it cannot be downloaded.",
+      "Prepare it once on a machine with network access and copy the folder "
+      f"{os.path.join(data_dir, base)} here:",
+      f"  tfds build {name} --data_dir={data_dir}",
+      "or point --config.data_dir (or $TFDS_DATA_DIR) to a directory that has it.",
+  ]
+  if base == "mnist":
+    lines.append("MNIST from its four idx files (train-images-idx3-ubyte.gz, ...): "
+                 f"python -m mixer_vit.data.mnist_idx --idx_dir=DIR --data_dir={data_dir}")
+  lines.append("For an image folder ROOT/train/<class>/*, ROOT/test/<class>/* use "
+               "--config.dataset=/path/to/ROOT; the offline default is --config.dataset=digits.")
+  return "\n".join(lines)
+
+
+def open_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """A read-only builder of the prepared data set; prepares ``digits``; fails fast otherwise."""
+  data_dir = default_data_dir(data_dir)
+  path = find_prepared(name, data_dir)
+  if path is None and parse_name(name)[0] == digits.NAME:
+    logging.info("Preparing the bundled digits data set in %s", data_dir)
+    path = digits.prepare(data_dir)
+  if path is None:
+    if not network_reachable():
+      raise NotPreparedError(_not_prepared_message(name, data_dir))
+    logging.info("tfds data set %s is not in %s; downloading and preparing it", name, data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()
+    path = str(builder.data_dir)
+  return tfds.builder_from_directory(path)
