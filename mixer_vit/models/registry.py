@@ -1,0 +1,361 @@
+"""Named model configurations and the factory that turns them into modules.
+
+The names are those of the released checkpoints (gs://vit_models/...), plus
+`testing` / `testing-mixer` (tiny models for tests). The sizes, and the
+per-model default dropout, follow vit_jax/configs/models.py; the Mixer sizes
+missing there (S, H) follow Table 1 of the MLP-Mixer paper. As in the
+original list, no model has a `representation_size` by default: the
+ImageNet-21k ViT checkpoints carry a 768-wide `pre_logits` layer that
+`checkpoint.load_pretrained` drops (pass representation_size=768 to keep it).
+"""
+
+import collections.abc
+from typing import Any, Callable, Dict, List, Tuple
+
+import flax.linen as nn
+import ml_collections
+
+from mixer_vit.models import common
+from mixer_vit.models import mixer
+from mixer_vit.models import vit
+
+_CONFIGS: Dict[str, Callable[[], ml_collections.ConfigDict]] = {}
+_ALIASES: Dict[str, str] = {}
+
+# Keys moved from `transformer.` to the top level (kept as accepted spellings).
+_KEY_ALIASES = {
+    'transformer.dropout_rate': 'dropout_rate',
+    'transformer.attention_dropout_rate': 'attention_dropout_rate',
+}
+
+
+def _options(c: ml_collections.ConfigDict, dropout: float) -> None:
+  c.num_classes = 1000
+  c.image_size = (224, 224)
+  c.head_bias_init = 0.0
+  c.dropout_rate = dropout
+  c.stochastic_depth = 0.0
+  c.dtype = 'float32'
+  c.param_dtype = 'float32'
+  c.remat = False
+  c.scan = False
+
+
+def _vit(name, patch, hidden, mlp, heads, layers, dropout=0.0,
+         classifier='token', resnet=None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.family = 'vit'
+  c.patches = ml_collections.ConfigDict({'size': (patch, patch)})
+  c.hidden_size = hidden
+  c.transformer = ml_collections.ConfigDict(
+      {'num_layers': layers, 'mlp_dim': mlp, 'num_heads': heads})
+  c.classifier = classifier
+  c.representation_size = None
+  c.resnet = None
+  if resnet is not None:
+    c.resnet = ml_collections.ConfigDict(
+        {'num_layers': tuple(resnet), 'width_factor': 1.0})
+  _options(c, dropout)
+  c.attention_dropout_rate = 0.0
+  c.attention_impl = 'auto'
+  return c
+
+
+def _mixer(name, patch, hidden, blocks, tokens_mlp,
+           channels_mlp) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.family = 'mixer'
+  c.patches = ml_collections.ConfigDict({'size': (patch, patch)})
+  c.hidden_size = hidden
+  c.num_blocks = blocks
+  c.tokens_mlp_dim = tokens_mlp
+  c.channels_mlp_dim = channels_mlp
+  _options(c, 0.0)
+  return c
+
+
+def _register(name: str, make: Callable[[], ml_collections.ConfigDict],
+              augreg_alias: bool = True) -> None:
+  _CONFIGS[name] = make
+  if augreg_alias:
+    # AugReg file names: 'ViT-' dropped and '+' spelled '_' ('R26_S_32').
+    _ALIASES[name.replace('ViT-', '').replace('+', '_')] = name
+
+
+# Widths: (hidden, mlp, heads, layers).
+_VIT_SIZES = {
+    'Ti': (192, 768, 3, 12),
+    'S': (384, 1536, 6, 12),
+    'B': (768, 3072, 12, 12),
+    'L': (1024, 4096, 16, 24),
+    'H': (1280, 5120, 16, 32),
+}
+# Default dropout of the original configs (used when fine-tuning).
+_VIT_MODELS = {
+    # name: (size, patch, dropout)
+    'ViT-Ti_16': ('Ti', 16, 0.0),
+    'ViT-S_16': ('S', 16, 0.0),
+    'ViT-B_16': ('B', 16, 0.0),
+    'ViT-L_16': ('L', 16, 0.1),
+    'ViT-H_14': ('H', 14, 0.1),
+    'ViT-B_8': ('B', 8, 0.0),
+    'ViT-S_32': ('S', 32, 0.0),
+    'ViT-B_32': ('B', 32, 0.0),
+    'ViT-L_32': ('L', 32, 0.0),
+}
+_GAP_NOREP = ('ViT-S_16', 'ViT-S_32', 'ViT-B_16', 'ViT-B_32')
+# name: (size, patch after the stem, dropout, resnet stages)
+_HYBRIDS = {
+    'R+ViT-Ti_16': ('Ti', 8, 0.0, ()),
+    'R26+ViT-S_32': ('S', 1, 0.0, (2, 2, 2, 2)),
+    'R26+ViT-B_32': ('B', 1, 0.0, (2, 2, 2, 2)),
+    'R50+ViT-B_16': ('B', 1, 0.1, (3, 4, 9)),
+    'R50+ViT-L_32': ('L', 1, 0.1, (3, 4, 6, 3)),
+}
+# Mixer sizes: (hidden, blocks, tokens_mlp, channels_mlp).
+_MIXER_SIZES = {
+    'S': (512, 8, 256, 2048),
+    'B': (768, 12, 384, 3072),
+    'L': (1024, 24, 512, 4096),
+    'H': (1280, 32, 640, 5120),
+}
+_MIXER_MODELS = {
+    'Mixer-S_16': ('S', 16), 'Mixer-S_32': ('S', 32),
+    'Mixer-B_16': ('B', 16), 'Mixer-B_32': ('B', 32),
+    'Mixer-L_16': ('L', 16), 'Mixer-L_32': ('L', 32),
+    'Mixer-H_14': ('H', 14),
+}
+
+
+def _testing() -> ml_collections.ConfigDict:
+  c = _vit('testing', 4, 32, 64, 2, 2)
+  c.num_classes = 10
+  c.image_size = (32, 32)
+  return c
+
+
+def _testing_mixer() -> ml_collections.ConfigDict:
+  c = _mixer('testing-mixer', 4, 32, 2, 32, 64)
+  c.num_classes = 10
+  c.image_size = (32, 32)
+  return c
+
+
+def _populate() -> None:
+  _register('testing', _testing, augreg_alias=False)
+  _register('testing-mixer', _testing_mixer, augreg_alias=False)
+  for name, (size, patch, dropout) in _VIT_MODELS.items():
+    _register(name, lambda n=name, s=size, p=patch, d=dropout: _vit(
+        n, p, *_VIT_SIZES[s], dropout=d))
+  for base in _GAP_NOREP:
+    size, patch, dropout = _VIT_MODELS[base]
+    name = base + '-gap-norep'
+    _register(name, lambda n=name, s=size, p=patch, d=dropout: _vit(
+        n, p, *_VIT_SIZES[s], dropout=d, classifier='gap'))
+  for name, (size, patch, dropout, stages) in _HYBRIDS.items():
+    _register(name, lambda n=name, s=size, p=patch, d=dropout, r=stages: _vit(
+        n, p, *_VIT_SIZES[s], dropout=d, resnet=r))
+  for name, (size, patch) in _MIXER_MODELS.items():
+    _register(name, lambda n=name, s=size, p=patch: _mixer(
+        n, p, *_MIXER_SIZES[s]), augreg_alias=False)
+
+
+_populate()
+
+
+def list_models(include_aliases: bool = False) -> List[str]:
+  """Registered model names (optionally with the AugReg short names)."""
+  names = list(_CONFIGS)
+  if include_aliases:
+    names += [a for a in _ALIASES if a not in _CONFIGS]
+  return names
+
+
+def resolve_name(name: str) -> str:
+  """Canonical name for `name` or an AugReg short name ('R26_S_32')."""
+  if name in _CONFIGS:
+    return name
+  if name in _ALIASES:
+    return _ALIASES[name]
+  raise ValueError(
+      f'Unknown model {name!r}. Known models: {", ".join(_CONFIGS)}. '
+      f'AugReg short names: {", ".join(_ALIASES)}.')
+
+
+def _as_pair(value, key: str) -> Tuple[int, int]:
+  if isinstance(value, int):
+    return (value, value)
+  if (isinstance(value, collections.abc.Sequence) and len(value) == 2 and
+      all(isinstance(v, int) for v in value)):
+    return tuple(value)
+  raise ValueError(f'{key} must be an int or a pair of ints, got {value!r}.')
+
+
+def _normalise(key: str, value: Any) -> Any:
+  if key in ('image_size', 'patches.size'):
+    return _as_pair(value, key)
+  if key in ('dtype', 'param_dtype'):
+    return common.to_dtype(value).name
+  if key == 'resnet.num_layers':
+    return tuple(value)
+  return value
+
+
+def _flatten_overrides(overrides: Dict[str, Any], prefix: str = ''):
+  for key, value in overrides.items():
+    full = prefix + key
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and full != 'resnet':
+      yield from _flatten_overrides(dict(value), full + '.')
+    else:
+      yield full, value
+
+
+def _apply_override(config: ml_collections.ConfigDict, key: str, value) -> None:
+  key = _KEY_ALIASES.get(key, key)
+  *parents, leaf = key.split('.')
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      if part == 'resnet' and node is config and config.family == 'vit':
+        raise ValueError(
+            f'{config.name} has no ResNet stem; set resnet={{"num_layers": '
+            f'(...), "width_factor": 1.0}} as a whole instead of {key!r}.')
+      raise ValueError(_unknown_key_message(config, key))
+    node = node[part]
+  if leaf not in node:
+    raise ValueError(_unknown_key_message(config, key))
+  if key == 'resnet':
+    if value is not None:
+      value = dict(value)
+      unknown = set(value) - {'num_layers', 'width_factor'}
+      if unknown or 'num_layers' not in value:
+        raise ValueError('resnet must be None or a dict with num_layers '
+                         f'(tuple) and width_factor (float), got {value!r}.')
+      value = ml_collections.ConfigDict({
+          'num_layers': tuple(value['num_layers']),
+          'width_factor': float(value.get('width_factor', 1.0))})
+    with config.unlocked():
+      config.resnet = value
+    return
+  value = _normalise(key, value)
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ValueError(f'Bad type for {key}={value!r}: {e}') from e
+
+
+def _all_keys(config, prefix=''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _all_keys(value, prefix + key + '.')
+    else:
+      yield prefix + key
+
+
+def _unknown_key_message(config, key) -> str:
+  return (f'Unknown config key {key!r} for {config.name} ({config.family}). '
+          f'Known keys: {", ".join(sorted(_all_keys(config)))}.')
+
+
+def get_model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """The config of model `name` with `overrides` applied.
+
+  Overrides are keyed by config key; nested keys either dotted
+  (`**{'transformer.num_layers': 2}`) or as nested dicts
+  (`transformer={'num_layers': 2}`). Unknown keys raise a ValueError.
+  The result is locked (new keys cannot be added by mistake).
+  """
+  config = _CONFIGS[resolve_name(name)]()
+  config.lock()
+  for key, value in _flatten_overrides(overrides):
+    _apply_override(config, key, value)
+  validate_config(config)
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the first inconsistent setting."""
+  if config.family == 'vit':
+    if config.classifier not in vit.CLASSIFIERS:
+      raise ValueError(f'classifier must be one of {vit.CLASSIFIERS}, got '
+                       f'{config.classifier!r}.')
+    if config.hidden_size % config.transformer.num_heads:
+      raise ValueError(
+          f'hidden_size {config.hidden_size} is not divisible by '
+          f'transformer.num_heads {config.transformer.num_heads}.')
+    if config.attention_impl not in vit.ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl must be one of {vit.ATTENTION_IMPLS}.')
+  elif config.family != 'mixer':
+    raise ValueError(f"family must be 'vit' or 'mixer', got {config.family!r}.")
+  for key in ('dropout_rate', 'stochastic_depth'):
+    if not 0.0 <= config[key] < 1.0:
+      raise ValueError(f'{key} must be in [0, 1), got {config[key]}.')
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The flax module described by `config` (from get_model_config)."""
+  validate_config(config)
+  shared = dict(
+      num_classes=config.num_classes or 0,
+      patch_size=tuple(config.patches.size),
+      hidden_size=config.hidden_size,
+      head_bias_init=config.head_bias_init,
+      dropout_rate=config.dropout_rate,
+      stochastic_depth=config.stochastic_depth,
+      remat=config.remat,
+      scan=config.scan,
+      dtype=common.to_dtype(config.dtype),
+      param_dtype=common.to_dtype(config.param_dtype),
+  )
+  if config.family == 'mixer':
+    return mixer.MlpMixer(
+        num_blocks=config.num_blocks, tokens_mlp_dim=config.tokens_mlp_dim,
+        channels_mlp_dim=config.channels_mlp_dim, **shared)
+  resnet = config.resnet
+  return vit.VisionTransformer(
+      num_layers=config.transformer.num_layers,
+      mlp_dim=config.transformer.mlp_dim,
+      num_heads=config.transformer.num_heads,
+      classifier=config.classifier,
+      representation_size=config.representation_size,
+      resnet_layers=None if resnet is None else tuple(resnet.num_layers),
+      resnet_width_factor=1.0 if resnet is None else resnet.width_factor,
+      attention_dropout_rate=config.attention_dropout_rate,
+      attention_impl=config.attention_impl,
+      **shared)
+
+
+def get_model(name: str, num_classes: int = None, **overrides) -> nn.Module:
+  """`build_model(get_model_config(name, num_classes=..., **overrides))`."""
+  if num_classes is not None:
+    overrides['num_classes'] = num_classes
+  return build_model(get_model_config(name, **overrides))
+
+
+def token_grid(config: ml_collections.ConfigDict, image_size=None):
+  """(rows, cols) of the token grid for an (H, W) image (default: config's)."""
+  size = _as_pair(config.image_size if image_size is None else image_size,
+                  'image_size')
+  patch = tuple(config.patches.size)
+  if config.family == 'mixer':
+    return mixer.token_grid(size, patch)
+  resnet = None if config.resnet is None else tuple(config.resnet.num_layers)
+  return vit.token_grid(size, patch, resnet)
+
+
+def pixels_per_token(config: ml_collections.ConfigDict) -> Tuple[int, int]:
+  """Input pixels per token along (H, W): patch size times stem stride."""
+  patch = tuple(config.patches.size)
+  if config.family == 'mixer':
+    return patch
+  resnet = None if config.resnet is None else tuple(config.resnet.num_layers)
+  return vit.total_stride(patch, resnet)
+
+
+def num_layers(config: ml_collections.ConfigDict) -> int:
+  """Number of blocks (transformer layers or Mixer blocks)."""
+  if config.family == 'mixer':
+    return config.num_blocks
+  return config.transformer.num_layers

@@ -1,0 +1,127 @@
+"""BiT-style ResNet v1.5 stem for the R+ViT hybrids.
+
+Weight-standardised convolutions followed by GroupNorm (32 groups), bottleneck
+units. Module names (`conv_root`, `gn_root`, `block1/unit1/conv1`, `gn1`, ...,
+`conv_proj`, `gn_proj`) are those of the released hybrid checkpoints.
+"""
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Numerics of the released hybrids: weights standardised with eps added to the
+# standard deviation; flax GroupNorm defaults (32 groups, eps 1e-6).
+WS_EPSILON = 1e-5
+
+
+def standardize(w: jax.Array, axis=(0, 1, 2), eps: float = WS_EPSILON):
+  """Zero mean, unit standard deviation per output channel (HWIO kernels)."""
+  w = w - jnp.mean(w, axis=axis, keepdims=True)
+  return w / (jnp.std(w, axis=axis, keepdims=True) + eps)
+
+
+class StdConv(nn.Module):
+  """Bias-free 'SAME' convolution with weight standardisation."""
+
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: Tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param(
+        'kernel', nn.initializers.lecun_normal(),
+        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    kernel = standardize(kernel.astype(jnp.float32)).astype(self.dtype)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel, window_strides=self.strides,
+        padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _group_norm(name, dtype, param_dtype, **kw):
+  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype,
+                      param_dtype=param_dtype, name=name, **kw)
+
+
+class ResidualUnit(nn.Module):
+  """Bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1 (4x wider), projection."""
+
+  features: int
+  strides: Tuple[int, int] = (1, 1)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda f, k, s, name: StdConv(  # noqa: E731
+        f, k, s, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    gn = lambda name, **kw: _group_norm(  # noqa: E731
+        name, self.dtype, self.param_dtype, **kw)
+
+    residual = x
+    if x.shape[-1] != 4 * self.features or self.strides != (1, 1):
+      residual = conv(4 * self.features, (1, 1), self.strides, 'conv_proj')(x)
+      residual = gn('gn_proj')(residual)
+
+    y = nn.relu(gn('gn1')(conv(self.features, (1, 1), (1, 1), 'conv1')(x)))
+    y = nn.relu(gn('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y)))
+    y = gn('gn3', scale_init=nn.initializers.zeros)(
+        conv(4 * self.features, (1, 1), (1, 1), 'conv3')(y))
+    return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+  """`num_units` bottleneck units; only the first one may downsample."""
+
+  num_units: int
+  features: int
+  first_stride: Tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_units):
+      x = ResidualUnit(
+          self.features, self.first_stride if i == 0 else (1, 1),
+          dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f'unit{i + 1}')(x)
+    return x
+
+
+def resnet_stem(x, *, num_layers: Sequence[int], width_factor: float,
+                dtype: Dtype, param_dtype: Dtype):
+  """Root conv + max-pool + stages; call inside the parent's compact method.
+
+  The modules are created in the caller's scope so the parameters sit at the
+  top level of the model (`conv_root`, `gn_root`, `block1`, ...), as in the
+  released checkpoints.
+  """
+  width = int(64 * width_factor)
+  x = StdConv(width, (7, 7), (2, 2), dtype=dtype, param_dtype=param_dtype,
+              name='conv_root')(x)
+  x = nn.relu(_group_norm('gn_root', dtype, param_dtype)(x))
+  x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+  for i, num_units in enumerate(num_layers):
+    x = ResNetStage(
+        num_units, width * 2**i, (1, 1) if i == 0 else (2, 2),
+        dtype=dtype, param_dtype=param_dtype, name=f'block{i + 1}')(x)
+  return x
+
+
+def stem_stride(num_layers: Sequence[int]) -> int:
+  """Total downsampling of `resnet_stem` (root conv and pool 4x, stages 2x)."""
+  return 4 * 2 ** max(len(num_layers) - 1, 0)
+
+
+def stem_output_size(size: int, num_layers: Sequence[int]) -> int:
+  """Spatial size after `resnet_stem` ('SAME' padding rounds up)."""
+  for _ in range(2 + max(len(num_layers) - 1, 0)):
+    size = -(-size // 2)
+  return size
