@@ -108,16 +108,17 @@ def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "to
                model_config: Any = None) -> tuple[int, int]:
   """The patch grid ``(gh, gw)`` that ``num_tokens`` tokens of an ``image_hw`` input lie on.
 
-  With a model config the grid is computed from the strides (the patch size, and for hybrids the
-  ResNet stem's total stride, 'SAME' padding rounding up); it is checked against the token count.
-  Otherwise, or when that does not fit, the factorisation of the patch-token count closest to
-  the image's aspect ratio is used.
+  With a model config the grid is the model's own (``models.token_grid``: the patch size and, for
+  hybrids, the ResNet stem's output size); it is checked against the token count. Otherwise, or
+  when that does not fit, the factorisation of the patch-token count closest to the image's aspect
+  ratio is used.
   """
   h, w = image_hw
-  prefix = 1 if classifier == "token" else 0
+  prefix = 1 if classifier in ("token", "token_unpooled") else 0
   num_patches = num_tokens - prefix
   if model_config is not None:
-    grid = _grid_from_config(model_config, (h, w))
+    from mixer_vit import models  # pylint: disable=g-import-not-at-top
+    grid = tuple(models.token_grid(model_config, (h, w)))
     if grid[0] * grid[1] == num_patches:
       return grid
   best = None
@@ -133,17 +134,31 @@ def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "to
   return best[1]
 
 
-def _grid_from_config(model_config: Any, image_hw: tuple[int, int]) -> tuple[int, int]:
-  """Patch grid from the strides: ResNet stem ('SAME', rounds up), then patches ('VALID')."""
-  ph, pw = tuple(model_config.patches.size)
-  h, w = image_hw
-  resnet = model_config.get("resnet") if hasattr(model_config, "get") else None
-  if resnet:
-    # Root: stride-2 conv and stride-2 max pool; then stride 2 at every stage after the first.
-    num_stages = len(tuple(resnet.get("num_layers", ()) or ()))
-    for _ in range(2 + max(num_stages - 1, 0)):
-      h, w = math.ceil(h / 2), math.ceil(w / 2)
-  return h // ph, w // pw
+# ----------------------------------------------------------------------------------------------
+# From a model.
+
+
+def compute(model: Any, params: Any, images: Any, model_config: Any,
+            layer: int = -1, head_fusion: str = "mean") -> dict[str, np.ndarray]:
+  """Runs a ViT on preprocessed images (B, H, W, 3) and returns its attention maps.
+
+  Returns a dict of numpy arrays: ``'rollout'`` (B, gh, gw), ``'heads'`` (B, heads, gh, gw) for
+  ``layer``, ``'attention'`` (num_layers, B, heads, T, T) and ``'logits'`` (B, num_classes).
+  """
+  if model_config.family != "vit":
+    raise ValueError(f"{model_config.name} is a {model_config.family} model; attention maps "
+                     "need a ViT (MLP-Mixer has no attention)")
+  images = np.asarray(images, np.float32)
+  logits, inter = model.apply({"params": params}, images, train=False,
+                              return_intermediates=True)
+  att = np.asarray(inter["attention"], np.float32)
+  grid = patch_grid(att.shape[-1], images.shape[1:3], model_config.classifier, model_config)
+  return {
+      "rollout": rollout_map(att, grid, model_config.classifier, head_fusion),
+      "heads": head_maps(att, grid, model_config.classifier, layer),
+      "attention": att,
+      "logits": np.asarray(logits, np.float32),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,3 +237,131 @@ def save_figure_png(path: str, image: np.ndarray, rollout_hw: np.ndarray,
   fig.savefig(path, format="png", dpi=110)
   plt.close(fig)
   return path
+
+
+def save_summary_png(path: str, images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                     titles: Sequence[str] | None = None, columns: int = 4) -> str:
+  """A figure of (image, rollout overlay) pairs for several images, e.g. for documentation."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg", force=False)
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(images)
+  columns = max(1, min(columns, n))
+  rows = math.ceil(n / columns)
+  fig, axes = plt.subplots(rows, 2 * columns, figsize=(2 * columns * 1.6, rows * 1.85),
+                           squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for i, (image, m) in enumerate(zip(images, maps)):
+    r, c = divmod(i, columns)
+    rgb = to_uint8(image)
+    axes[r, 2 * c].imshow(rgb)
+    axes[r, 2 * c + 1].imshow(overlay(rgb, m))
+    if titles:
+      axes[r, 2 * c].set_title(titles[i], fontsize=8)
+      axes[r, 2 * c + 1].set_title("rollout", fontsize=8)
+  fig.tight_layout(pad=0.3)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, format="png", dpi=120)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _upscale(image: np.ndarray, min_side: int) -> np.ndarray:
+  """Enlarges small images (e.g. 32x32) for viewing, keeping the aspect ratio."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  if min(h, w) >= min_side:
+    return image
+  scale = min_side / min(h, w)
+  size = (max(1, round(w * scale)), max(1, round(h * scale)))
+  return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
+def _display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.ndarray:
+  """The picture to draw the map on: the decoded file when the preprocessing only resizes it
+  (the map covers the whole file), else the model's input (e.g. after a central crop)."""
+  from mixer_vit.data import preprocess  # pylint: disable=g-import-not-at-top
+  ops = [name for name, _, _ in preprocess.parse(classifier.pp)]
+  if any(op in ("central_crop", "random_crop", "inception_crop", "resize_small", "flip_lr")
+         for op in ops):
+    return to_uint8(model_input)
+  return np.asarray(preprocess.get_preprocess_fn("decode")({"image": data})["image"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from mixer_vit import infer  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m mixer_vit.attention",
+      description="Attention rollout and per-head maps of a ViT, as PNG overlays.")
+  parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+  parser.add_argument("--checkpoint", required=True, help="training workdir or .npz file")
+  parser.add_argument("--model", help="model name (required for .npz), e.g. ViT-B_16")
+  parser.add_argument("--labels", help="class names, one per line (for the titles)")
+  parser.add_argument("--resolution", help="R or H,W (.npz checkpoints of non-square grids)")
+  parser.add_argument("--pp", help="preprocessing string replacing the default")
+  parser.add_argument("--layer", type=int, default=-1, help="layer of the per-head maps")
+  parser.add_argument("--head_fusion", choices=("mean", "max", "min"), default="mean")
+  parser.add_argument("--out_dir", default="attention_maps",
+                      help="writes <name>_rollout.png and <name>_heads.png per image here")
+  parser.add_argument("--summary", help="also write one figure of all images and rollouts")
+  parser.add_argument("--min_side", type=int, default=224,
+                      help="small images are enlarged to this shorter side for viewing")
+  parser.add_argument("--alpha", type=float, default=0.55, help="opacity of the map")
+  args = parser.parse_args(argv)
+
+  try:
+    classifier = infer.load_classifier(
+        args.checkpoint, args.model, labels=args.labels,
+        resolution=infer._parse_resolution(args.resolution), pp=args.pp)  # pylint: disable=protected-access
+    if classifier.model_config.family != "vit":
+      raise ValueError(f"{classifier.model_config.name} is an MLP-Mixer: it has no attention; "
+                       "attention maps need a ViT checkpoint")
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  files = infer.list_images(args.images)
+  summary_images, summary_maps, summary_titles = [], [], []
+  failed = 0
+  for path in files:
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      x = classifier.preprocess(data)
+      maps = compute(classifier.model, classifier.params, x[None], classifier.model_config,
+                     layer=args.layer, head_fusion=args.head_fusion)
+    except Exception as e:  # pylint: disable=broad-except  # Report and go on with the rest.
+      failed += 1
+      print(f"error: {path}: {infer._error_text(e)}", file=sys.stderr)  # pylint: disable=protected-access
+      continue
+    probs = np.asarray(infer.jax.nn.softmax(maps["logits"][0]))
+    top = int(np.argmax(probs))
+    title = f"{classifier.class_name(top)} ({probs[top]:.0%})"
+    picture = _upscale(_display_image(classifier, data, x), args.min_side)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    rollout_path = save_overlay_png(os.path.join(args.out_dir, f"{stem}_rollout.png"), picture,
+                                    maps["rollout"][0], alpha=args.alpha)
+    num_layers = maps["attention"].shape[0]
+    layer = args.layer % num_layers
+    heads_path = save_figure_png(os.path.join(args.out_dir, f"{stem}_heads.png"), picture,
+                                 maps["rollout"][0], maps["heads"][0],
+                                 title=f"{os.path.basename(path)}: {title}", layer=layer)
+    print(f"{path}: {title}\n  {rollout_path}\n  {heads_path}", flush=True)
+    summary_images.append(picture)
+    summary_maps.append(maps["rollout"][0])
+    summary_titles.append(title)
+  if args.summary and summary_images:
+    print(save_summary_png(args.summary, summary_images, summary_maps, summary_titles))
+  if failed:
+    print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+  return 1 if failed or not files else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
