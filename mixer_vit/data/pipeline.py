@@ -179,13 +179,21 @@ class EvalIterable:
     last_count: examples with mask True that this process yielded in its last complete pass.
   """
 
-  def __init__(self, config: Any, mesh: jax.sharding.Mesh, split: str | None = None):
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh, split: str | None = None,
+               process: tuple[int, int] | None = None):
+    """``process=(index, count)`` simulates one process of several (tests; ``local_batches``)."""
     self._config = config
     self._mesh = mesh
     self.split_name = split or _get(config, "test_split", "test")
-    self.process_index, self.process_count = parallel.process_shard(mesh)
     batch_size = int(_get(config, "eval_batch_size", 0) or _required(config, "batch_size"))
     self.local_batch_size = parallel.process_batch_size(batch_size, mesh)
+    self.process_index, self.process_count = parallel.process_shard(mesh)
+    if process is not None:
+      self.process_index, self.process_count = process
+      if batch_size % self.process_count:
+        raise ValueError(f"eval batch size {batch_size} is not divisible by {self.process_count} "
+                         "processes")
+      self.local_batch_size = batch_size // self.process_count
     self._split = sources.open_source(config).split(self.split_name)
     self.num_examples = self._split.num_examples
     largest = math.ceil(self.num_examples / self.process_count)

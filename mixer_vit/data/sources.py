@@ -129,7 +129,7 @@ class RandomAccessSplit(Split):
 
   def train_indices(self, process_index, process_count, seed, positions):
     index = self._train_index_fn(process_index, process_count, seed)
-    return np.asarray(index(tf.constant(np.asarray(positions, np.int64))))
+    return np.asarray([int(index(tf.constant(int(q), tf.int64))) for q in positions], np.int64)
 
   def eval_indices(self, process_index, process_count, positions):
     return process_index + process_count * np.asarray(positions, np.int64)
@@ -180,8 +180,10 @@ class Source(abc.ABC):
 class TfdsSource(Source):
   """A prepared tfds data set (``digits`` is prepared on first use)."""
 
-  def __init__(self, name: str, data_dir: str | None, in_memory_max_bytes: int):
+  def __init__(self, name: str, data_dir: str | None, in_memory_max_bytes: int,
+               shuffle_buffer: int | None = None):
     self.name = name
+    self._shuffle_buffer = shuffle_buffer
     self._builder = tfds_source.open_builder(name, data_dir)
     info = self._builder.info
     self._image_key, self._label_key = info.supervised_keys or ("image", "label")
@@ -222,7 +224,8 @@ class TfdsSource(Source):
     if int(info.num_bytes) <= self._in_memory_max_bytes:
       return self._load_in_memory(split, decode=False)
     from mixer_vit.data import tfds_stream  # pylint: disable=g-import-not-at-top
-    return tfds_stream.StreamSplit(self._builder, split, self._image_key, self._label_key)
+    return tfds_stream.StreamSplit(self._builder, split, self._image_key, self._label_key,
+                                   self._shuffle_buffer or tfds_stream.DEFAULT_BLOCK)
 
   def _load_in_memory(self, split, decode: bool) -> Split:
     decoders = None if decode else {self._image_key: tfds.decode.SkipDecoding()}
@@ -274,7 +277,8 @@ def open_source(config: Any) -> Source:
   skip_corrupt = bool(get_config_value(config, "skip_corrupt", False))
   max_bytes = int(float(get_config_value(config, "in_memory_max_mb", DEFAULT_IN_MEMORY_MB))
                   * 2**20)
-  key = (dataset, data_dir, skip_corrupt, max_bytes)
+  shuffle_buffer = int(get_config_value(config, "shuffle_buffer", 0))
+  key = (dataset, data_dir, skip_corrupt, max_bytes, shuffle_buffer)
   with _SOURCES_LOCK:
     if key not in _SOURCES:
       if is_folder(dataset):
@@ -283,7 +287,7 @@ def open_source(config: Any) -> Source:
         _SOURCES[key] = folder.ImageFolder(root, skip_corrupt=skip_corrupt,
                                            in_memory_max_bytes=max_bytes)
       else:
-        _SOURCES[key] = TfdsSource(dataset, data_dir, max_bytes)
+        _SOURCES[key] = TfdsSource(dataset, data_dir, max_bytes, shuffle_buffer)
     return _SOURCES[key]
 
 

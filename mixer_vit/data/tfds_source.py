@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import threading
+import urllib.parse
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -82,13 +83,24 @@ def find_prepared(name: str, data_dir: str) -> str | None:
   return os.path.join(root, versions[0]) if versions else None
 
 
+def _probe_address() -> tuple[str, int]:
+  """Google Cloud Storage, or the HTTPS proxy when one is configured."""
+  proxy = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
+  if proxy:
+    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if parsed.hostname:
+      return parsed.hostname, parsed.port or 80
+  return _PROBE_HOST
+
+
 def network_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
-  """Whether a TCP connection to Google Cloud Storage opens within ``timeout`` (DNS included)."""
+  """Whether a TCP connection to GCS (or the proxy) opens within ``timeout`` (DNS included)."""
   result = []
+  address = _probe_address()
 
   def probe():
     try:
-      with socket.create_connection(_PROBE_HOST, timeout=timeout):
+      with socket.create_connection(address, timeout=timeout):
         result.append(True)
     except OSError:
       result.append(False)
