@@ -138,6 +138,20 @@ def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "to
 # From a model.
 
 
+_APPLY_CACHE: dict[int, tuple[Any, Any]] = {}
+
+
+def _jitted_apply(model: Any):
+  """One jitted ``apply(..., return_intermediates=True)`` per model (compiled once per shape)."""
+  entry = _APPLY_CACHE.get(id(model))
+  if entry is None or entry[0] is not model:
+    import jax  # pylint: disable=g-import-not-at-top
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False,
+                                          return_intermediates=True))
+    entry = _APPLY_CACHE[id(model)] = (model, fn)
+  return entry[1]
+
+
 def compute(model: Any, params: Any, images: Any, model_config: Any,
             layer: int = -1, head_fusion: str = "mean") -> dict[str, np.ndarray]:
   """Runs a ViT on preprocessed images (B, H, W, 3) and returns its attention maps.
@@ -149,8 +163,7 @@ def compute(model: Any, params: Any, images: Any, model_config: Any,
     raise ValueError(f"{model_config.name} is a {model_config.family} model; attention maps "
                      "need a ViT (MLP-Mixer has no attention)")
   images = np.asarray(images, np.float32)
-  logits, inter = model.apply({"params": params}, images, train=False,
-                              return_intermediates=True)
+  logits, inter = _jitted_apply(model)(params, images)
   att = np.asarray(inter["attention"], np.float32)
   grid = patch_grid(att.shape[-1], images.shape[1:3], model_config.classifier, model_config)
   return {
