@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+import numpy as np
+
 
 def evaluate_classifier(classifier: Any, config: Any, split: str | None = None,
                         mesh: Any = None) -> dict[str, Any]:
@@ -48,6 +50,46 @@ def evaluate_classifier(classifier: Any, config: Any, split: str | None = None,
       "top1": result["test_accuracy"], "top5": result.get("test_top5_accuracy"),
       "loss": result["test_loss"], "examples": result["test_examples"],
   }
+
+
+def predict_split(classifier: Any, config: Any, split: str | None = None, mesh: Any = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, predicted classes) for every example of ``split``, in the order the evaluation
+  iterator yields them (padding rows dropped by their mask); e.g. for a confusion matrix.
+
+  Single-process only (each process sees the whole global batch only on one host).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mixer_vit import data, parallel, train  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise NotImplementedError("predict_split gathers predictions on one host; run it with one "
+                              "process (evaluate_classifier works on many)")
+  config = config.copy_and_resolve_references()
+  mesh = mesh or parallel.make_mesh()
+  with config.unlocked():
+    if split:
+      config.test_split = split
+    if config.eval_batch_size % mesh.size:
+      config.eval_batch_size = max(mesh.size, config.eval_batch_size // mesh.size * mesh.size)
+  repl = parallel.replicated(mesh)
+  params = parallel.replicate(classifier.params, mesh)
+  step = jax.jit(lambda p, x: jax.numpy.argmax(
+      classifier.model.apply({"params": p}, x, train=False), axis=-1),
+                 in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
+  labels, preds = [], []
+  for batch in data.make_eval_iterator(config, mesh):
+    mask, y, pred = train.to_host((batch["mask"], batch["labels"], step(params, batch["image"])))
+    labels.append(np.argmax(y, axis=-1)[mask])
+    preds.append(pred[mask])
+  return np.concatenate(labels), np.concatenate(preds)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int
+                     ) -> np.ndarray:
+  """counts[i, j]: examples of class i predicted as class j."""
+  counts = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
+  return counts
 
 
 def data_config(classifier: Any, dataset: str | None = None, data_dir: str | None = None,
