@@ -258,32 +258,81 @@ def central_crop(size, key: str = "image") -> OpFn:
   return fn
 
 
+def _inception_window(shape, seed, area_min, area_max, aspect_min, aspect_max):
+  """(begin, size) of a random crop covering area_min..area_max percent of ``shape``."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      tf.zeros([0, 0, 4], tf.float32),
+      seed=seed,
+      area_range=(area_min / 100, area_max / 100),
+      aspect_ratio_range=(aspect_min, aspect_max),
+      min_object_covered=0,
+      use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def _check_area(area_min, area_max):
+  if not 0 < area_min <= area_max <= 100:
+    raise ValueError(f"inception_crop needs 0 < area_min <= area_max <= 100 (percent), got "
+                     f"{area_min}, {area_max}")
+
+
+def _resize_crop(crop, hw, method, like):
+  if hw is None:
+    return crop
+  crop = _restore_dtype(tf.image.resize(crop, hw, method=method), like)
+  crop.set_shape([hw[0], hw[1], like.shape[-1]])
+  return crop
+
+
 @register("inception_crop", random=True)
 def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
                    aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
                    method: str = "bilinear", key: str = "image") -> OpFn:
   """Random crop of 5%-100% of the area (aspect 3/4-4/3), resized to `size` when given."""
   hw = None if size is None else _size(size)
-  if not 0 < area_min <= area_max <= 100:
-    raise ValueError(f"inception_crop needs 0 < area_min <= area_max <= 100 (percent), got "
-                     f"{area_min}, {area_max}")
+  _check_area(area_min, area_max)
 
   def fn(data):
     image = _image(data, key, "inception_crop")
     seed = _next_seed(data, "inception_crop")
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
-        tf.zeros([0, 0, 4], tf.float32),
-        seed=seed,
-        area_range=(area_min / 100, area_max / 100),
-        aspect_ratio_range=(aspect_min, aspect_max),
-        min_object_covered=0,
-        use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
-    if hw is not None:
-      crop = _restore_dtype(tf.image.resize(crop, hw, method=method), image)
-      crop.set_shape([hw[0], hw[1], image.shape[-1]])
-    data[key] = crop
+    begin, crop_size = _inception_window(tf.shape(image), seed, area_min, area_max, aspect_min,
+                                         aspect_max)
+    data[key] = _resize_crop(tf.slice(image, begin, crop_size), hw, method, image)
+    return data
+  return fn
+
+
+@register("decode_jpeg_and_inception_crop", random=True)
+def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
+                                   aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
+                                   method: str = "bilinear", key: str = "image") -> OpFn:
+  """Same as decode|inception_crop(...) but faster on JPEGs: only the window is decoded."""
+  hw = None if size is None else _size(size)
+  _check_area(area_min, area_max)
+  window = lambda shape, seed: _inception_window(shape, seed, area_min, area_max, aspect_min,
+                                                 aspect_max)
+
+  def fn(data):
+    encoded = data[key]
+    if encoded.dtype != tf.string:  # Already decoded (in-memory data sets).
+      return inception_crop(size, area_min, area_max, aspect_min, aspect_max, method,
+                            key)(decode(3, key)(data))
+    seed = _next_seed(data, "decode_jpeg_and_inception_crop")
+
+    def jpeg():
+      begin, crop_size = window(tf.io.extract_jpeg_shape(encoded), seed)
+      return tf.io.decode_and_crop_jpeg(
+          encoded, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=3)
+
+    def other():
+      image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+      begin, crop_size = window(tf.shape(image), seed)
+      return tf.slice(image, begin, crop_size)
+
+    crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    crop.set_shape([None, None, 3])
+    data[key] = _resize_crop(crop, hw, method, crop)
     return data
   return fn
 
