@@ -62,6 +62,9 @@ def _options(config) -> tf.data.Options:
 def _example_fn(pp: str, num_classes: int, seed: int, process_index: int, with_ids: bool):
   """Example from a split -> preprocessed ``{'image', 'labels'}`` with its per-example seed."""
   pp_fn = preprocess.get_preprocess_fn(pp, num_classes=num_classes)
+  if "value_range" not in [name for name, _, _ in preprocess.parse(pp)]:
+    raise ValueError(f"preprocessing {pp!r} has no value_range op; the models expect images in "
+                     "[-1, 1]: add value_range(-1, 1) after the image ops")
   base = tf.random.experimental.stateless_fold_in(
       tf.constant([seed, RNG_SALT], tf.int64), process_index)
 

@@ -10,6 +10,11 @@ Random ops (``inception_crop``, ``flip_lr``) are stateless: they draw from the p
 ``example['_rng']`` (shape [2], int64), which the input pipeline derives from the run's seed and
 the example's position in the stream. The same seed and position always give the same output,
 which is what makes resuming a run exact.
+
+``resize`` and ``resize_small`` keep the input's dtype (uint8 results are rounded), like
+big_vision's ops. ``inception_crop(size)`` returns float32 values in [0, 255], not rounded back
+(half again faster on the training path, where the crop is random anyway); ``value_range`` then
+maps either to [-1, 1].
 """
 
 from __future__ import annotations
@@ -166,6 +171,7 @@ def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def _restore_dtype(resized: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+  """Resized float values back to the input's dtype (uint8: rounded and clipped)."""
   if like.dtype == tf.uint8:
     return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
   return tf.cast(resized, like.dtype)
@@ -209,7 +215,7 @@ register("rgb")(grey_to_rgb)
 
 @register("resize")
 def resize(size, method: str = "bilinear", antialias: bool = False, key: str = "image") -> OpFn:
-  """Resizes to `size` (int or (h, w)) ignoring aspect ratio; uint8 stays uint8."""
+  """Resizes to `size` (int or (h, w)) ignoring aspect ratio; uint8 stays uint8 (rounded)."""
   hw = _size(size)
 
   def fn(data):
@@ -277,11 +283,11 @@ def _check_area(area_min, area_max):
                      f"{area_min}, {area_max}")
 
 
-def _resize_crop(crop, hw, method, like):
+def _resize_crop(crop, hw, method):
   if hw is None:
     return crop
-  crop = _restore_dtype(tf.image.resize(crop, hw, method=method), like)
-  crop.set_shape([hw[0], hw[1], like.shape[-1]])
+  crop = tf.image.resize(crop, hw, method=method)
+  crop.set_shape([hw[0], hw[1], crop.shape[-1]])
   return crop
 
 
@@ -289,7 +295,7 @@ def _resize_crop(crop, hw, method, like):
 def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
                    aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
                    method: str = "bilinear", key: str = "image") -> OpFn:
-  """Random crop of 5%-100% of the area (aspect 3/4-4/3), resized to `size` when given."""
+  """Random crop of 5%-100% of the area (aspect 3/4-4/3), resized (float32) to `size` if given."""
   hw = None if size is None else _size(size)
   _check_area(area_min, area_max)
 
@@ -298,7 +304,7 @@ def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
     seed = _next_seed(data, "inception_crop")
     begin, crop_size = _inception_window(tf.shape(image), seed, area_min, area_max, aspect_min,
                                          aspect_max)
-    data[key] = _resize_crop(tf.slice(image, begin, crop_size), hw, method, image)
+    data[key] = _resize_crop(tf.slice(image, begin, crop_size), hw, method)
     return data
   return fn
 
@@ -332,7 +338,7 @@ def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: flo
 
     crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     crop.set_shape([None, None, 3])
-    data[key] = _resize_crop(crop, hw, method, crop)
+    data[key] = _resize_crop(crop, hw, method)
     return data
   return fn
 
