@@ -202,6 +202,7 @@ class EvalIterable:
     largest = math.ceil(self.num_examples / self.process_count)
     self.num_batches = math.ceil(largest / self.local_batch_size)
     self.last_count = None
+    self._dataset = None
     self._device_prefetch = int(_get(config, "device_prefetch", 2))
 
   def __len__(self) -> int:
@@ -209,8 +210,10 @@ class EvalIterable:
 
   def local_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's padded numpy batches (what ``__iter__`` shards over the mesh)."""
-    ds = local_eval_dataset(self._config, self.process_index, self.process_count,
-                            self.local_batch_size, split=self.split_name)
+    if self._dataset is None:  # Built once; each pass iterates it anew.
+      self._dataset = local_eval_dataset(self._config, self.process_index, self.process_count,
+                                         self.local_batch_size, split=self.split_name)
+    ds = self._dataset
     spec = ds.element_spec
     b = self.local_batch_size
     it = ds.as_numpy_iterator()
