@@ -284,7 +284,7 @@ def save_summary_png(path: str, images: Sequence[np.ndarray], maps: Sequence[np.
 # Command line.
 
 
-def _upscale(image: np.ndarray, min_side: int) -> np.ndarray:
+def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
   """Enlarges small images (e.g. 32x32) for viewing, keeping the aspect ratio."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = image.shape[:2]
@@ -295,7 +295,7 @@ def _upscale(image: np.ndarray, min_side: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
-def _display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.ndarray:
+def display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.ndarray:
   """The picture to draw the map on: the decoded file when the preprocessing only resizes it
   (the map covers the whole file), else the model's input (e.g. after a central crop)."""
   from mixer_vit.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     probs = np.asarray(infer.jax.nn.softmax(maps["logits"][0]))
     top = int(np.argmax(probs))
     title = f"{classifier.class_name(top)} ({probs[top]:.0%})"
-    picture = _upscale(_display_image(classifier, data, x), args.min_side)
+    picture = upscale(display_image(classifier, data, x), args.min_side)
     stem = os.path.splitext(os.path.basename(path))[0]
     rollout_path = save_overlay_png(os.path.join(args.out_dir, f"{stem}_rollout.png"), picture,
                                     maps["rollout"][0], alpha=args.alpha)
