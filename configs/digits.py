@@ -1,0 +1,55 @@
+r"""Pretrains a small ViT (or Mixer) from scratch on the bundled 8x8 digits: no network needed.
+
+  python -m mixer_vit.main --config=configs/digits.py --workdir=workdirs/digits
+  python -m mixer_vit.main --config=configs/digits.py:mixer --workdir=workdirs/digits_mixer
+
+MEASURED_PLACEHOLDER
+"""
+
+from mixer_vit import config_utils
+
+
+def get_config(arg=None):
+  """``arg``: '' / 'vit' for the ViT, 'mixer' for the Mixer."""
+  arg = config_utils.parse_arg(arg, positional=('family',), family='vit')
+  if arg.family not in ('vit', 'mixer'):
+    raise ValueError(f"configs/digits.py:{arg.family}: use 'vit' or 'mixer'.")
+  c = config_utils.base_config()
+
+  c.dataset = 'digits'  # scikit-learn's 8x8 digits: 1,498 train / 299 test images, 10 classes.
+  c.train_split = 'train'
+  c.test_split = 'test'
+  # Native 8x8 resolution; training shifts the digit by up to one pixel (pad by resizing to 10,
+  # then a random 8x8 window) so the small model does not memorise the 1,498 images.
+  c.pp_train = 'decode|resize(10)|random_crop(8)|value_range(-1,1)|onehot(smoothing=0.1)'
+  c.pp_test = 'decode|resize(10)|central_crop(8)|value_range(-1,1)|onehot'
+  c.batch_size = 128
+  c.eval_batch_size = 304
+  c.shuffle_buffer = 1498
+
+  if arg.family == 'vit':
+    c.model_name = 'testing'  # A tiny ViT; sized here.
+    c.model.patches = {'size': (2, 2)}  # 16 tokens + class token.
+    c.model.hidden_size = 64
+    c.model.transformer = {'num_layers': 4, 'mlp_dim': 128, 'num_heads': 4}
+  else:
+    c.model_name = 'testing-mixer'
+    c.model.patches = {'size': (2, 2)}
+    c.model.hidden_size = 64
+    c.model.num_blocks = 4
+    c.model.tokens_mlp_dim = 64
+    c.model.channels_mlp_dim = 128
+
+  c.optimizer = 'adamw'
+  c.lr = 3e-3
+  c.weight_decay = 1e-4
+  c.schedule = 'cosine'
+  c.total_steps = 1500
+  c.warmup_steps = 100
+  c.grad_clip_norm = 1.0
+
+  c.log_every = 100
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  return c

@@ -1,0 +1,211 @@
+"""Training loop: learning, device-count invariance, exact resume, accumulation, fine-tuning, NaN."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from mixer_vit import checkpoint
+from mixer_vit import checkpointing
+from mixer_vit import metrics
+from mixer_vit import parallel
+from mixer_vit import train
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def _config_module(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny_config(arg=None, **overrides):
+  """configs/digits.py with a one-layer model, no augmentation and short intervals: seconds per
+  run."""
+  c = _config_module('digits').get_config(arg)
+  c.pp_train = 'decode|value_range(-1,1)|onehot'
+  c.pp_test = 'decode|value_range(-1,1)|onehot'
+  c.model.hidden_size = 32
+  if c.model_name == 'testing':
+    c.model.transformer = {'num_layers': 1, 'mlp_dim': 64, 'num_heads': 2}
+  else:
+    c.model.num_blocks = 1
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.lr = 1e-2
+  c.total_steps = 12
+  c.warmup_steps = 2
+  c.log_every = 1
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def losses(workdir):
+  rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def flat(params):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  a, b = flat(a), flat(b)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  """One short real run on digits (8 devices); several tests read its workdir."""
+  workdir = str(tmp_path_factory.mktemp('digits'))
+  config = tiny_config(total_steps=150, warmup_steps=10, log_every=50, eval_every=75,
+                       checkpoint_every=75)
+  result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def test_short_digits_run_learns_and_fills_the_workdir(digits_run):
+  config, workdir, result = digits_run
+  assert result['step'] == 150 and not result['stopped_early']
+  assert result['test_examples'] == 299  # Every test image exactly once (mask).
+  assert result['test_accuracy'] > 0.5, result  # Chance is 0.1.
+  assert result['test_top5_accuracy'] >= result['test_accuracy']
+  rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'loss' in r] == [50, 100, 150]
+  assert [r['step'] for r in rows if 'test_accuracy' in r] == [75, 150]
+  assert rows[-1]['test_accuracy'] == pytest.approx(result['test_accuracy'])
+  assert all(np.isfinite(r['loss']) and r['lr'] >= 0 and r['img_per_s'] > 0
+             for r in rows if 'loss' in r)
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert checkpointing.make_manager(workdir, config).all_steps() == [75, 150]
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['total_steps'] == 150
+  with open(os.path.join(workdir, 'dataset_info.json')) as f:
+    info = json.load(f)
+  assert info['num_classes'] == 10 and info['image_shape'] == [8, 8, 3]
+
+
+def test_load_workdir_returns_the_final_model(digits_run):
+  _, workdir, _ = digits_run
+  trained = train.load_workdir(workdir)
+  assert trained.step == 150 and trained.class_names == [str(i) for i in range(10)]
+  assert trained.config.model.patches.size == (2, 2)
+  npz = checkpoint.load_npz(os.path.join(workdir, 'params.npz'))
+  assert_trees_close(trained.params, npz, rtol=0, atol=0)
+  logits = trained.model.apply({'params': trained.params},
+                               np.zeros((2, *trained.image_shape), np.float32), train=False)
+  assert logits.shape == (2, 10)
+
+
+def test_resume_from_the_middle_equals_an_uninterrupted_run(tmp_path):
+  config = tiny_config(total_steps=12, checkpoint_every=4, model={
+      **tiny_config().model.to_dict(), 'dropout_rate': 0.1})
+  full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
+  train.train_and_evaluate(config, full)
+  first = train.train_and_evaluate(config, parts, stop_after_step=6)
+  assert first['stopped_early'] and first['step'] == 6
+  assert not os.path.exists(os.path.join(parts, 'params.npz'))
+  second = train.train_and_evaluate(config, parts)  # Same command again: resumes at 6.
+  assert second['step'] == 12
+  assert losses(parts) == pytest.approx(losses(full), rel=1e-6)
+  assert_trees_close(checkpoint.load_npz(os.path.join(parts, 'params.npz')),
+                     checkpoint.load_npz(os.path.join(full, 'params.npz')), rtol=1e-6, atol=1e-7)
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
+  assert jax.device_count() == 8
+  config = tiny_config(total_steps=5)
+  train.train_and_evaluate(config, str(tmp_path / 'eight'))
+  train.train_and_evaluate(config, str(tmp_path / 'one'),
+                           mesh=parallel.make_mesh(jax.devices()[:1]))
+  eight, one = losses(str(tmp_path / 'eight')), losses(str(tmp_path / 'one'))
+  assert sorted(eight) == [1, 2, 3, 4, 5]
+  assert eight == pytest.approx(one, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+  # SGD: Adam would magnify float rounding in near-zero gradients into visible differences.
+  config = tiny_config(total_steps=4, optimizer='sgd', lr=0.1)
+  train.train_and_evaluate(config, str(tmp_path / 'full'))
+  config.accum_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / 'accum'))
+  assert losses(str(tmp_path / 'accum')) == pytest.approx(losses(str(tmp_path / 'full')),
+                                                           rel=1e-5)
+  assert_trees_close(checkpoint.load_npz(str(tmp_path / 'accum' / 'params.npz')),
+                     checkpoint.load_npz(str(tmp_path / 'full' / 'params.npz')))
+
+
+def test_batch_not_divisible_by_devices_times_accumulation_fails_clearly(tmp_path):
+  with pytest.raises(ValueError, match='divisible'):
+    train.train_and_evaluate(tiny_config(batch_size=24, accum_steps=2), str(tmp_path))
+
+
+def _image_folder(root, classes, per_class):
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for c in range(classes):
+      folder = root / split / f'class_{c}'
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f'{i}.png')
+  return str(root)
+
+
+def test_finetuning_from_npz_replaces_the_head(digits_run, tmp_path):
+  _, workdir, _ = digits_run
+  pretrained = os.path.join(workdir, 'params.npz')
+  folder = _image_folder(tmp_path / 'three_classes', classes=3, per_class=4)
+  config = _config_module('finetune').get_config('testing,digits')
+  config.model = tiny_config().model
+  config.dataset = folder
+  config.pretrained = pretrained
+  config.pp_train = config.pp_test = 'decode|resize(8)|value_range(-1,1)|onehot'
+  config.update(batch_size=8, eval_batch_size=8, accum_steps=1, total_steps=1, warmup_steps=0,
+                lr=0.0, shuffle_buffer=16)  # lr 0: the parameters stay as initialised.
+  out = str(tmp_path / 'finetuned')
+  result = train.train_and_evaluate(config, out)
+  assert result['test_examples'] == 12
+  before = flat(checkpoint.load_npz(pretrained))
+  after = flat(checkpoint.load_npz(os.path.join(out, 'params.npz')))
+  assert after['head/kernel'].shape == (32, 3) and before['head/kernel'].shape == (32, 10)
+  assert after['head/bias'].shape == (3,)
+  for name in before:
+    if not name.startswith('head/'):
+      np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+def test_missing_pretrained_file_fails_clearly(tmp_path):
+  config = tiny_config(pretrained=str(tmp_path / 'nope.npz'))
+  with pytest.raises(FileNotFoundError, match='nope.npz'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  good = tiny_config(total_steps=4, checkpoint_every=2)
+  train.train_and_evaluate(good, workdir)
+  bad = tiny_config(total_steps=10, checkpoint_every=1, lr=float('inf'))
+  with pytest.raises(train.NonFiniteLossError, match='step 5.*checkpoint of step 4'):
+    train.train_and_evaluate(bad, workdir)
+  assert checkpointing.make_manager(workdir, good).latest_step() == 4
+  state_params = train.load_workdir(workdir).params
+  assert all(np.isfinite(v).all() for v in flat(state_params).values())
+
+
+def test_mixer_trains_too(tmp_path):
+  result = train.train_and_evaluate(tiny_config('mixer', total_steps=3), str(tmp_path))
+  assert result['step'] == 3 and np.isfinite(result['loss'])
