@@ -441,10 +441,15 @@ def image_size_from_params(params: Mapping,
   image_size is returned when its grid matches, otherwise a square grid is
   assumed; None when the count is not a square (or the tree has neither).
   """
-  params = unstack_layers(_strip_params_key(params))
+  params = _strip_params_key(params)
   if model_config.family == 'mixer':
     try:
-      num = _shape(params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'])[0]
+      if 'MixerBlock' in params:  # scan-stacked: leading layer axis
+        num = _shape(params['MixerBlock']['token_mixing']['Dense_0'][
+            'kernel'])[1]
+      else:
+        num = _shape(params['MixerBlock_0']['token_mixing']['Dense_0'][
+            'kernel'])[0]
     except KeyError:
       return None
   else:
