@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import re
-import tempfile
+import uuid
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -130,17 +130,24 @@ def stack_layers(params: Mapping) -> Params:
 
 def _open(path, mode):
   path = os.fspath(path)
-  if '://' in path:
+  if _is_remote(path):
     from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
     return gfile.GFile(path, mode)
   return open(path, mode)
 
 
+def _is_remote(path) -> bool:
+  return '://' in os.fspath(path)
+
+
 def load_npz(path) -> Params:
   """Reads an `.npz` parameter file into a nested dict of numpy arrays."""
-  with _open(path, 'rb') as f:
-    data = f.read()
-  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+  if _is_remote(path):
+    with _open(path, 'rb') as f:
+      source = io.BytesIO(f.read())
+  else:
+    source = os.fspath(path)
+  with np.load(source, allow_pickle=False) as npz:
     flat = {key: npz[key] for key in npz.files}
   if not flat:
     raise ValueError(f'{path} holds no arrays.')
@@ -163,19 +170,19 @@ def save_npz(params: Mapping, path) -> None:
     if array.dtype.name == 'bfloat16':
       array = array.astype(np.float32)
     arrays[key] = array
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
   path = os.fspath(path)
-  if '://' in path:
+  if _is_remote(path):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     with _open(path, 'wb') as f:
       f.write(buffer.getvalue())
     return
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.npz.tmp')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # A temporary name next to the target (normal permissions), then rename.
+  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
   try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(buffer.getvalue())
+    with open(tmp, 'wb') as f:
+      np.savez(f, **arrays)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

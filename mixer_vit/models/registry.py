@@ -10,7 +10,7 @@ ImageNet-21k ViT checkpoints carry a 768-wide `pre_logits` layer that
 """
 
 import collections.abc
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import ml_collections
@@ -327,7 +327,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       **shared)
 
 
-def get_model(name: str, num_classes: int = None, **overrides) -> nn.Module:
+def get_model(name: str, num_classes: Optional[int] = None,
+              **overrides) -> nn.Module:
   """`build_model(get_model_config(name, num_classes=..., **overrides))`."""
   if num_classes is not None:
     overrides['num_classes'] = num_classes

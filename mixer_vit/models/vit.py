@@ -252,7 +252,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def setup_check(self):
+  def _check_options(self):
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'Unknown classifier {self.classifier!r}; choose one '
                        f'of {CLASSIFIERS}.')
@@ -263,7 +263,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, *, train: bool = False,
                return_intermediates: bool = False):
-    self.setup_check()
+    self._check_options()
     common.check_images(images, 'VisionTransformer')
     x = images
     if self.resnet_layers is not None:
