@@ -373,6 +373,8 @@ def _cast_like(restored: Params, reference: Mapping) -> Params:
   return jax.tree.map(cast, restored, dict(reference))
 
 
+_HEAD_PARTS = ('head', 'pre_logits', 'MAPHead_0')
+
 _HINTS = {
     'head/': 'the head size follows num_classes; set num_classes to the '
              'checkpoint\'s class count (or use load_pretrained, which '
@@ -404,8 +406,8 @@ def load_pretrained(path_or_params, init_params: Mapping,
 
   Returns:
     Params shaped and typed like `init_params` (numpy arrays): pretrained
-    weights, the new head (and pre_logits when the representation size
-    changed or is new), position embeddings resized bilinearly to the new
+    weights, the new head (and pre_logits / MAP pooling head when the
+    checkpoint has none of that shape), position embeddings resized bilinearly to the new
     grid (class token kept), layers stacked when `init_params` are.
 
   Raises:
@@ -417,20 +419,23 @@ def load_pretrained(path_or_params, init_params: Mapping,
   init_flat = flatten(expected)
   restored = _restored_tree(path_or_params)
 
-  for name in ('head', 'pre_logits'):
+  # Head parts: dropped when the new model has none, the new head always,
+  # pre_logits / MAP pooling kept only when the checkpoint has them in the
+  # same shapes.
+  for name in _HEAD_PARTS:
     if name in restored and name not in expected:
       logging.info('load_pretrained: dropping %s of the checkpoint.', name)
       del restored[name]
   if 'head' in expected:
     restored['head'] = dict(expected['head'])
-  if 'pre_logits' in expected:
-    old = flatten(restored.get('pre_logits', {}))
-    new = flatten(expected['pre_logits'])
-    if {k: _shape(v) for k, v in old.items()} != {
-        k: _shape(v) for k, v in new.items()}:
-      logging.info('load_pretrained: new pre_logits of width %s.',
-                   model_config.get('representation_size'))
-      restored['pre_logits'] = dict(expected['pre_logits'])
+  for name in _HEAD_PARTS[1:]:
+    if name not in expected:
+      continue
+    old = {k: _shape(v) for k, v in flatten(restored.get(name, {})).items()}
+    new = {k: _shape(v) for k, v in flatten(expected[name]).items()}
+    if old != new:
+      logging.info('load_pretrained: freshly initialised %s.', name)
+      restored[name] = dict(expected[name])
   _resize_posemb_in_tree(restored, init_flat, model_config, source_grid)
 
   verify_tree(restored, expected, 'checkpoint', _HINTS)

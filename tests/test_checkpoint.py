@@ -184,6 +184,12 @@ def test_load_pretrained_replaces_head_and_drops_pre_logits(tmp_path):
   init = _random_params(config, seed=2)
   params = checkpoint.load_pretrained(pretrained, init, config)
   _equal_trees(params['pre_logits'], init['pre_logits'])
+  # A new attention-pooling head starts from its initialisation too.
+  gap = models.get_model_config('testing', classifier='gap')
+  config = models.get_model_config('testing', classifier='map')
+  init = _random_params(config, seed=2)
+  params = checkpoint.load_pretrained(_random_params(gap), init, config)
+  _equal_trees(params['MAPHead_0'], init['MAPHead_0'])
 
 
 def test_load_pretrained_resizes_posemb_for_a_non_square_resolution(tmp_path):
