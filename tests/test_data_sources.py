@@ -126,9 +126,10 @@ def _make_folder(root, corrupt=False):
   return expected
 
 
-def test_folder_classes_grey_and_rgba(tmp_path):
+@pytest.mark.parametrize("in_memory_max_mb", [1024, 0])  # decoded in memory / read from disk
+def test_folder_classes_grey_and_rgba(tmp_path, in_memory_max_mb):
   expected = _make_folder(tmp_path)
-  config = _config(dataset=str(tmp_path))
+  config = _config(dataset=str(tmp_path), in_memory_max_mb=in_memory_max_mb)
   info = data.get_info(config)
   assert info.class_names == ["ant", "bee", "cat"] and info.num_classes == 3
   assert info.num_examples == {"train": 12, "test": 6}
