@@ -17,8 +17,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 
 def _native_size(config) -> tuple[int, int]:
   from mixer_vit.data import pipeline  # pylint: disable=g-import-not-at-top

@@ -24,7 +24,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mixer_vit.data import digits
 from mixer_vit.data import tfds_source
 
 SHUFFLE_SALT = 0x5EED5EED
@@ -298,4 +297,4 @@ def clear_cache() -> None:
 
 
 __all__ = ["DatasetInfo", "Split", "RandomAccessSplit", "Source", "TfdsSource", "open_source",
-           "in_memory_split", "is_folder", "clear_cache", "digits"]
+           "in_memory_split", "is_folder", "clear_cache"]
