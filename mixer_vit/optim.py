@@ -24,7 +24,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   lr, warmup, total = config.lr, config.warmup_steps, config.total_steps
   end = config.get('lr_end', 0.0) or 0.0
   if warmup >= total and total > 0:
-    raise ValueError(f'warmup_steps ({warmup}) must be smaller than total_steps ({total}).')
+    raise ValueError(f'warmup_steps ({warmup}) must be smaller than total_steps ({total}); '
+                     f'lower it, e.g. --config.warmup_steps={total // 10}.')
   decay_steps = max(total - warmup, 1)
   if config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)

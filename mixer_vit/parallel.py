@@ -30,7 +30,12 @@ def maybe_initialize_distributed(enable: bool | None = None) -> None:
   if enable is None:
     enable = os.environ.get("MIXER_VIT_MULTIHOST", "0") not in ("", "0", "false", "False")
   if enable:
-    jax.distributed.initialize()
+    # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id.
+    kwargs = {}
+    for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+      if os.environ.get(var):
+        kwargs[name] = int(os.environ[var])
+    jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())

@@ -266,30 +266,34 @@ def _write_json(path: str, value: Any):
 
 @dataclasses.dataclass
 class _History:
-  """Train-step outputs since the last log line; checked for NaN/inf before every save."""
-  rows: list = dataclasses.field(default_factory=list)  # (step, device metrics)
-  checked: int = 0
+  """Train-step outputs since the last log line, checked for NaN/inf before every log and save.
+
+  ``pending`` holds device values not looked at yet (reading them waits for the step), ``seen``
+  their host copies, averaged by ``summary``.
+  """
+  pending: list = dataclasses.field(default_factory=list)  # (step, device metrics)
+  seen: list = dataclasses.field(default_factory=list)  # host metrics
 
   def check_finite(self, workdir: str, last_saved: int | None):
-    values = to_host([m for _, m in self.rows[self.checked:]])
-    for (step, _), row in zip(self.rows[self.checked:], values):
+    values = to_host([m for _, m in self.pending])
+    for (step, _), row in zip(self.pending, values):
       bad = {k: float(row[k]) for k in ('loss', 'grad_norm', 'param_norm')
              if not math.isfinite(float(row[k]))}
       if bad:
-        where = (f'checkpoint of step {last_saved} in {workdir}/{checkpointing.CHECKPOINT_DIR} '
-                 'is kept; a restart resumes from it' if last_saved is not None
-                 else 'no checkpoint was written')
+        kept = (f'The checkpoint of step {last_saved} in {workdir}/'
+                f'{checkpointing.CHECKPOINT_DIR} is kept (a restart resumes from it).'
+                if last_saved is not None else 'No checkpoint was written.')
         raise NonFiniteLossError(
-            f'non-finite training values at step {step}: {bad}. Training stopped; the last good '
-            f'{where}. Lower config.lr, raise warmup_steps or check the data.')
-    self.checked = len(self.rows)
-    return values
+            f'Non-finite training values at step {step}: {bad}. Training stopped. {kept} Lower '
+            'config.lr, raise config.warmup_steps or check the data.')
+    self.seen.extend(values)
+    self.pending = []
 
   def summary(self) -> dict[str, float]:
-    values = to_host([m for _, m in self.rows])
-    result = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-    result['lr'] = float(values[-1]['lr'])  # The rest are means over the interval.
-    self.rows, self.checked = [], 0
+    """Means over the checked steps (the last learning rate); starts a new interval."""
+    result = {k: float(np.mean([v[k] for v in self.seen])) for k in self.seen[0]}
+    result['lr'] = float(self.seen[-1]['lr'])
+    self.seen = []
     return result
 
 
@@ -393,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _Preemption() as preemption:
       for step in range(start_step + 1, total + 1):  # `step` = updates done after this one.
         state, step_metrics = train_step(state, batch, dropout_key)
-        history.rows.append((step, step_metrics))
+        history.pending.append((step, step_metrics))
         final = step == total
         stop = not final and (preemption.reached(step) or step == stop_after_step)
         if not (final or stop):

@@ -1,0 +1,65 @@
+"""The command line: help, unknown config keys, and SIGTERM (save, then exit cleanly)."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from mixer_vit import checkpointing
+from mixer_vit import metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _command(*args):
+  return [sys.executable, '-m', 'mixer_vit.main', *args]
+
+
+def _env():
+  # The test set-up's 8 fake devices, private TFDS_DATA_DIR etc. are inherited.
+  return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def test_help_lists_the_flags():
+  out = subprocess.run(_command('--help'), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120, check=False)
+  # absl's --help exits with status 1 by design; the usage text is what matters.
+  assert 'Trains or fine-tunes' in out.stdout, out.stderr
+  for flag in ('--config', '--workdir', '--[no]multihost'):
+    assert flag in out.stdout
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  out = subprocess.run(
+      _command('--config=configs/digits.py', f'--workdir={tmp_path}', '--config.total_step=3'),
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode != 0
+  assert 'Unknown config key' in out.stderr and 'total_steps' in out.stderr  # Did you mean.
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / 'run'
+  process = subprocess.Popen(
+      _command('--config=configs/digits.py', f'--workdir={workdir}',
+               '--config.total_steps=100000', '--config.log_every=1',
+               '--config.checkpoint_every=100000', '--config.model.hidden_size=16',
+               '--config.batch_size=16'),
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  jsonl = workdir / 'metrics.jsonl'
+  deadline = time.time() + 180
+  while time.time() < deadline and process.poll() is None:
+    if jsonl.exists() and jsonl.read_text().count('\n') >= 2:  # Training runs.
+      break
+    time.sleep(0.5)
+  assert process.poll() is None, process.communicate()[0][-3000:]
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  assert 'Stopped after step' in output
+  steps = checkpointing.make_manager(str(workdir), None, read_only=True).all_steps()
+  last_logged = metrics.read_jsonl(str(jsonl))[-1]['step']
+  assert steps == [last_logged] and 0 < last_logged < 100000
+  assert not (workdir / 'params.npz').exists()  # Only a finished run writes it.
