@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Mapping
 
 from absl import logging
@@ -334,7 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     The last logged values: ``step``, ``loss``, ``lr``, ``test_accuracy``, ``test_examples``, ...,
-    and ``stopped_early`` (True after SIGTERM or ``stop_after_step``).
+    ``stopped_early`` (True after SIGTERM or ``stop_after_step``) and ``train_seconds`` (wall time
+    from the first step to the end, set-up excluded).
 
   Raises:
     NonFiniteLossError: the loss, gradients or parameters became NaN/inf; the checkpoints written
@@ -394,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start_step >= total:
       logging.info('Already trained to step %d of %d; evaluating only.', start_step, total)
       run_eval(start_step)
+    started = time.perf_counter()
     with _Preemption() as preemption:
       for step in range(start_step + 1, total + 1):  # `step` = updates done after this one.
         state, step_metrics = train_step(state, batch, dropout_key)
@@ -425,6 +428,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     manager.wait_until_finished()
     if primary and not result['stopped_early']:
       checkpoint.save_npz(to_host(state.params), os.path.join(workdir, PARAMS_FILE))
+    # From the first step on: compilation, evaluations and checkpoints included, set-up not.
+    result['train_seconds'] = time.perf_counter() - started
+    logging.info('Steps %d-%d took %s (compilation, evaluation and checkpoints included).',
+                 start_step + 1, result['step'], metrics.format_duration(result['train_seconds']))
   finally:
     manager.close()
     writer.close()

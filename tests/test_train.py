@@ -6,6 +6,7 @@ import os
 import pathlib
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 from PIL import Image
 import pytest
@@ -24,6 +25,22 @@ def _config_module(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_for_repeated_runs(tmp_path_factory):
+  """These runs compile the same small programs many times (a run, its resumption, ...); JAX's
+  persistent cache turns the repeats into look-ups. Restored afterwards."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  before = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update(names[1], 0)
+  jax.config.update(names[2], 0)
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
 
 
 def tiny_config(arg=None, **overrides):
@@ -206,6 +223,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in flat(state_params).values())
 
 
-def test_mixer_trains_too(tmp_path):
-  result = train.train_and_evaluate(tiny_config('mixer', total_steps=3), str(tmp_path))
+@pytest.mark.parametrize('arg,dtype', [('mixer', 'float32'), ('vit', 'bfloat16')])
+def test_mixer_and_bfloat16_compute_train(arg, dtype, tmp_path):
+  result = train.train_and_evaluate(tiny_config(arg, total_steps=3, dtype=dtype), str(tmp_path))
   assert result['step'] == 3 and np.isfinite(result['loss'])
+  params = checkpoint.load_npz(str(tmp_path / 'params.npz'))
+  assert {v.dtype for v in flat(params).values()} == {np.dtype('float32')}  # Parameters stay f32.
