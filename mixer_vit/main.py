@@ -52,7 +52,10 @@ def maybe_reexec_with_tcmalloc():
   env = dict(os.environ, LD_PRELOAD=f'{path}:{preloaded}' if preloaded else path)
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, '-m', 'mixer_vit.main', *sys.argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, '-m', 'mixer_vit.main', *sys.argv[1:]], env)
+  except OSError as e:  # Go on without it.
+    print(f'Could not restart with {path} preloaded ({e}); continuing without.', file=sys.stderr)
 
 
 def _quiet_orbax():
@@ -85,7 +88,7 @@ def main(argv):
   from mixer_vit import train  # pylint: disable=g-import-not-at-top
   _quiet_orbax()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
-  logging.info('LD_PRELOAD=%s', os.environ.get('LD_PRELOAD', ''))
+  logging.info('tcmalloc preloaded: %s', 'tcmalloc' in os.environ.get('LD_PRELOAD', ''))
   result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('Finished: %s', result)
 

@@ -50,6 +50,8 @@ def tiny_config(arg=None, **overrides):
   c.pp_train = 'decode|value_range(-1,1)|onehot'
   c.pp_test = 'decode|value_range(-1,1)|onehot'
   c.model.hidden_size = 32
+  c.model.dropout_rate = 0.0
+  c.model.stochastic_depth = 0.0
   if c.model_name == 'testing':
     c.model.transformer = {'num_layers': 1, 'mlp_dim': 64, 'num_heads': 2}
   else:
@@ -128,8 +130,8 @@ def test_load_workdir_returns_the_final_model(digits_run):
 
 
 def test_resume_from_the_middle_equals_an_uninterrupted_run(tmp_path):
-  config = tiny_config(total_steps=12, checkpoint_every=4, model={
-      **tiny_config().model.to_dict(), 'dropout_rate': 0.1})
+  config = tiny_config(total_steps=12, checkpoint_every=4)
+  config.model.update(dropout_rate=0.1, stochastic_depth=0.1)  # Keys must follow the step.
   full, parts = str(tmp_path / 'full'), str(tmp_path / 'parts')
   train.train_and_evaluate(config, full)
   first = train.train_and_evaluate(config, parts, stop_after_step=6)
@@ -145,6 +147,7 @@ def test_resume_from_the_middle_equals_an_uninterrupted_run(tmp_path):
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
   assert jax.device_count() == 8
   config = tiny_config(total_steps=5)
+  config.model.update(dropout_rate=0.1, stochastic_depth=0.1)  # Same random masks, too.
   train.train_and_evaluate(config, str(tmp_path / 'eight'))
   train.train_and_evaluate(config, str(tmp_path / 'one'),
                            mesh=parallel.make_mesh(jax.devices()[:1]))
