@@ -118,9 +118,18 @@ def inference_pp(pp_test: str, image_size: tuple[int, int]) -> str:
   return "|".join(p for _, p in kept)
 
 
-def _npz_overrides(tree: dict) -> dict[str, Any]:
-  """Head width and representation size read from a parameter tree."""
+def _npz_overrides(tree: dict, base_config: Any) -> dict[str, Any]:
+  """Head width, representation size and (ViT) classifier read from a parameter tree."""
   overrides = {}
+  if base_config.family == "vit":
+    # The pooling follows from the parameters: a class token, a MAP head, or neither (gap).
+    if "MAPHead_0" in tree:
+      overrides["classifier"] = "map"
+    elif "cls" in tree:
+      if base_config.classifier not in ("token", "token_unpooled"):
+        overrides["classifier"] = "token"
+    elif base_config.classifier in ("token", "token_unpooled", "map"):
+      overrides["classifier"] = "gap"
   head = tree.get("head", {})
   if "kernel" in head:
     overrides["num_classes"] = int(np.shape(head["kernel"])[-1])
@@ -180,7 +189,7 @@ def load_classifier(checkpoint_path: str, model: str | None = None, *,
     raise ValueError("--model is required for an .npz checkpoint (e.g. --model=ViT-B_16); "
                      f"known models: {', '.join(models.list_models())}")
   tree = checkpoint.load_npz(checkpoint_path)
-  overrides = _npz_overrides(tree)
+  overrides = _npz_overrides(tree, models.get_model_config(model))
   if dtype:
     overrides["dtype"] = dtype
   if resolution:

@@ -195,3 +195,22 @@ def test_evaluate_matches_the_trainer_and_counts_every_example(workdir, capsys):
                         "--split=train[:100]", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["examples"] == 100 and result["split"] == "train[:100]"
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("testing", {"representation_size": 8, "classifier": "gap"}),  # pre_logits, no cls token
+    ("testing-mixer", {}),
+])
+def test_npz_of_other_heads_and_mixer(tmp_path, name, overrides):
+  config = models.get_model_config(name, num_classes=4, **overrides)
+  _, params = _random_params(config)
+  path = str(tmp_path / "m.npz")
+  checkpoint.save_npz(params, path)
+  clf = infer.load_classifier(path, name)  # Head width and pre_logits read from the file.
+  assert clf.num_classes == 4
+  assert clf.model_config.get("representation_size") == overrides.get("representation_size")
+  if "classifier" in overrides:  # Read from the file (no class token), not the registry entry.
+    assert clf.model_config.classifier == overrides["classifier"]
+  img = _write_images(str(tmp_path), np.random.default_rng(0), [(32, 32)])
+  (result,) = list(infer.classify_files(clf, img, top_k=2))
+  assert len(result["predictions"]) == 2
