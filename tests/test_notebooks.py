@@ -50,7 +50,8 @@ def test_notebook_runs_top_to_bottom(path, kernel_dir, monkeypatch, tmp_path):
   # One CPU device in the kernel: the notebooks are timed like a laptop run, not 8 fake devices.
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   for name in ("MIXER_VIT_CHECKPOINT", "MIXER_VIT_MODEL", "MIXER_VIT_LABELS", "MIXER_VIT_IMAGE",
-               "MIXER_VIT_DATASET", "MIXER_VIT_WORKDIR"):
+               "MIXER_VIT_DATASET", "MIXER_VIT_WORKDIR", "MIXER_VIT_RESOLUTION",
+               "MIXER_VIT_PRETRAINED", "MIXER_VIT_STEPS"):
     monkeypatch.delenv(name, raising=False)
   nb = nbformat.read(str(path), as_version=4)
   client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=TIME_BUDGET_S,
