@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     classifier = infer.load_classifier(
         args.checkpoint, args.model, labels=args.labels,
-        resolution=infer._parse_resolution(args.resolution), pp=args.pp)  # pylint: disable=protected-access
+        resolution=infer.parse_resolution(args.resolution), pp=args.pp)
     if classifier.model_config.family != "vit":
       raise ValueError(f"{classifier.model_config.name} is an MLP-Mixer: it has no attention; "
                        "attention maps need a ViT checkpoint")
@@ -351,9 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      layer=args.layer, head_fusion=args.head_fusion)
     except Exception as e:  # pylint: disable=broad-except  # Report and go on with the rest.
       failed += 1
-      print(f"error: {path}: {infer._error_text(e)}", file=sys.stderr)  # pylint: disable=protected-access
+      print(f"error: {path}: {infer.error_text(e)}", file=sys.stderr)
       continue
-    probs = np.asarray(infer.jax.nn.softmax(maps["logits"][0]))
+    logits = maps["logits"][0]
+    probs = np.asarray(infer.jax.nn.sigmoid(logits) if classifier.activation == "sigmoid"
+                       else infer.jax.nn.softmax(logits))
     top = int(np.argmax(probs))
     title = f"{classifier.class_name(top)} ({probs[top]:.0%})"
     picture = upscale(display_image(classifier, data, x), args.min_side)

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     classifier = infer.load_classifier(
-        args.checkpoint, args.model, resolution=infer._parse_resolution(args.resolution),  # pylint: disable=protected-access
+        args.checkpoint, args.model, resolution=infer.parse_resolution(args.resolution),
         dtype=args.dtype)
     config = data_config(classifier, args.dataset, args.data_dir, args.pp, args.batch_size)
     result = evaluate_classifier(classifier, config, args.split)

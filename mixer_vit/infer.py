@@ -236,7 +236,7 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
-def _error_text(error: Exception) -> str:
+def error_text(error: Exception) -> str:
   """One readable line: TensorFlow's op-location prefix and suffix dropped."""
   text = str(error).strip().splitlines()
   text = text[0] if text else ""
@@ -279,7 +279,7 @@ def classify_files(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
     try:
       pending.append((path, classifier.preprocess(_read(path)), None))
     except Exception as e:  # pylint: disable=broad-except  # Report and go on with the rest.
-      pending.append((path, None, _error_text(e)))
+      pending.append((path, None, error_text(e)))
     if sum(e is None for _, _, e in pending) == batch_size:
       yield from flush()
   if pending:
@@ -299,7 +299,7 @@ def format_result(result: dict[str, Any]) -> str:
 # Command line.
 
 
-def _parse_resolution(text: str | None):
+def parse_resolution(text: str | None):
   if not text:
     return None
   parts = [int(p) for p in re.split(r"[,x ]+", text.strip()) if p]
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     classifier = load_classifier(
         args.checkpoint, args.model, labels=args.labels,
-        resolution=_parse_resolution(args.resolution), pp=args.pp, dtype=args.dtype,
+        resolution=parse_resolution(args.resolution), pp=args.pp, dtype=args.dtype,
         activation=args.activation)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
