@@ -3,7 +3,15 @@ r"""Pretrains a small ViT (or Mixer) from scratch on the bundled 8x8 digits: no 
   python -m mixer_vit.main --config=configs/digits.py --workdir=workdirs/digits
   python -m mixer_vit.main --config=configs/digits.py:mixer --workdir=workdirs/digits_mixer
 
-MEASURED_PLACEHOLDER
+Measured on the development machine (2 CPU cores shared with other jobs, JAX on CPU, tcmalloc
+preloaded by main; "training" is the logged wall time from the first step to the end, compilation,
+two evaluations and checkpoints included; set-up before it, mostly imports, takes about 5 s):
+- ViT (4 layers, width 64, 2x2 patches, 1,000 steps of 128): 97.99% test accuracy (293 of 299
+  images), top-5 100%; training 57 s and 59 s at a load average of about 2 (this run included),
+  1m21s-1m35s under a load of 3-5.7 from other jobs. With seed=1: 97.66%.
+- Mixer (4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299); training 1m29s at
+  load ~2-3, 2m36s-2m49s at load ~5.
+The results are deterministic for a given seed and device count.
 """
 
 from mixer_vit import config_utils
