@@ -16,6 +16,8 @@ from absl import logging
 from clu import metric_writers
 import numpy as np
 
+JSONL_FILE = 'metrics.jsonl'
+
 
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends each ``write_scalars`` call as one JSON line; other kinds of summary are ignored."""
@@ -76,7 +78,7 @@ def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricW
   os.makedirs(workdir, exist_ok=True)
   return metric_writers.MultiWriter([
       metric_writers.SummaryWriter(workdir),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
+      JsonlWriter(os.path.join(workdir, JSONL_FILE)),
   ])
 
 

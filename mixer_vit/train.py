@@ -49,7 +49,6 @@ from mixer_vit import parallel
 CONFIG_FILE = 'config.json'
 DATASET_INFO_FILE = 'dataset_info.json'
 PARAMS_FILE = 'params.npz'
-METRICS_FILE = 'metrics.jsonl'
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -61,7 +60,7 @@ class TrainState:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradient norm became NaN or infinite; training stopped."""
+  """The loss, the gradients or the parameters became NaN or infinite; training stopped."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,15 +161,15 @@ def make_eval_step(model, config: ml_collections.ConfigDict, mesh: jax.sharding.
 
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
-    mask = batch['mask'].astype(jnp.float32)
+    mask = batch['mask'].astype(bool)
     label = jnp.argmax(batch['labels'], axis=-1)
     label_logit = jnp.take_along_axis(logits, label[:, None], axis=-1)
     rank = jnp.sum(logits > label_logit, axis=-1)  # 0 when the label scores highest.
-    return {
-        'correct': jnp.sum((jnp.argmax(logits, axis=-1) == label) * mask),
-        'correct_top5': jnp.sum((rank < 5) * mask),
-        'loss': jnp.sum(loss_fn(logits, batch['labels']) * mask),
-        'count': jnp.sum(mask),
+    return {  # Counts in int32: exact for any split size.
+        'correct': jnp.sum((jnp.argmax(logits, axis=-1) == label) & mask, dtype=jnp.int32),
+        'correct_top5': jnp.sum((rank < 5) & mask, dtype=jnp.int32),
+        'loss': jnp.sum(jnp.where(mask, loss_fn(logits, batch['labels']), 0.0)),
+        'count': jnp.sum(mask, dtype=jnp.int32),
     }
 
   repl = parallel.replicated(mesh)
@@ -188,11 +187,11 @@ def evaluate(eval_step, params, config: ml_collections.ConfigDict, mesh: jax.sha
   if totals is None:
     raise ValueError(f'the test split {config.test_split!r} of {config.dataset!r} is empty.')
   totals = to_host(totals)
-  count = float(totals['count'])
+  count = int(totals['count'])
   result = {
-      'test_accuracy': float(totals['correct']) / count,
+      'test_accuracy': int(totals['correct']) / count,
       'test_loss': float(totals['loss']) / count,
-      'test_examples': int(round(count)),
+      'test_examples': count,
   }
   if num_classes > 5:
     result['test_top5_accuracy'] = float(totals['correct_top5']) / count
