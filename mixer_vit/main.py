@@ -13,13 +13,14 @@ markedly faster; set ``MIXER_VIT_TCMALLOC=0`` to turn this off.
 """
 
 import logging as std_logging
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from mixer_vit import tcmalloc
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/digits.py or configs/pretrain.py:'
@@ -31,31 +32,8 @@ _MULTIHOST = flags.DEFINE_bool(
     'multihost', None, 'Call jax.distributed.initialize() first (one process per host). Default: '
     'on when the environment has MIXER_VIT_MULTIHOST=1.')
 
-TCMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
-                  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
-                  '/usr/lib/libtcmalloc_minimal.so.4')
-
-
-def tcmalloc_path() -> str | None:
-  """The tcmalloc library to preload, or None (not installed, or turned off)."""
-  if os.environ.get('MIXER_VIT_TCMALLOC', '1') in ('0', 'false', 'False', ''):
-    return None
-  return next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
-
-
-def maybe_reexec_with_tcmalloc():
-  """Restarts this command with tcmalloc preloaded, once, when it is available."""
-  path = tcmalloc_path()
-  preloaded = os.environ.get('LD_PRELOAD', '')
-  if path is None or 'tcmalloc' in preloaded:
-    return
-  env = dict(os.environ, LD_PRELOAD=f'{path}:{preloaded}' if preloaded else path)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  try:
-    os.execve(sys.executable, [sys.executable, '-m', 'mixer_vit.main', *sys.argv[1:]], env)
-  except OSError as e:  # Go on without it.
-    print(f'Could not restart with {path} preloaded ({e}); continuing without.', file=sys.stderr)
+# Kept for callers that look the library up through this module.
+tcmalloc_path = tcmalloc.library_path
 
 
 def _quiet_orbax():
@@ -88,12 +66,12 @@ def main(argv):
   from mixer_vit import train  # pylint: disable=g-import-not-at-top
   _quiet_orbax()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
-  logging.info('tcmalloc preloaded: %s', 'tcmalloc' in os.environ.get('LD_PRELOAD', ''))
+  logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())
   result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('Finished: %s', result)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  maybe_reexec_with_tcmalloc()
+  tcmalloc.maybe_reexec('mixer_vit.main')
   app.run(main, flags_parser=parse_flags)
