@@ -68,7 +68,7 @@ def get_config(arg=None):
   if arg.dataset == 'imagenet2012':
     c.train_split = 'train[:99%]'
     c.test_split = 'validation'
-    c.pp_train = 'decode|inception_crop(224)|flip_lr|value_range(-1,1)|onehot'
+    c.pp_train = 'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot'
     c.pp_test = 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot'
     c.batch_size = 4096
     c.eval_batch_size = 4096
