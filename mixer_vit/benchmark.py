@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_vit import tcmalloc
+
 
 # ----------------------------------------------------------------------------------------------
 # Timing and FLOP counting.
@@ -279,21 +281,6 @@ def benchmark(model: str, batch: int = 32, train: bool = False, dtype: str = "fl
       share_of_peak=achieved / peak_total if achieved else None)
 
 
-def _maybe_reexec_with_tcmalloc() -> None:
-  """Restarts the command once with tcmalloc preloaded, like ``mixer_vit.main`` (XLA on CPU is
-  faster with it); ``MIXER_VIT_TCMALLOC=0`` turns it off."""
-  import os  # pylint: disable=g-import-not-at-top
-  from mixer_vit.main import tcmalloc_path  # pylint: disable=g-import-not-at-top
-  path = tcmalloc_path()
-  preloaded = os.environ.get("LD_PRELOAD", "")
-  if path is None or "tcmalloc" in preloaded:
-    return
-  env = dict(os.environ, LD_PRELOAD=f"{path}:{preloaded}" if preloaded else path)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, "-m", "mixer_vit.benchmark", *sys.argv[1:]], env)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
@@ -334,5 +321,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  _maybe_reexec_with_tcmalloc()
+  tcmalloc.maybe_reexec("mixer_vit.benchmark")
   sys.exit(main())

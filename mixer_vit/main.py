@@ -32,9 +32,6 @@ _MULTIHOST = flags.DEFINE_bool(
     'multihost', None, 'Call jax.distributed.initialize() first (one process per host). Default: '
     'on when the environment has MIXER_VIT_MULTIHOST=1.')
 
-# Kept for callers that look the library up through this module.
-tcmalloc_path = tcmalloc.library_path
-
 
 def _quiet_orbax():
   """Orbax logs every save step by step at INFO; keep its warnings, drop the rest."""
