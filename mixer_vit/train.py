@@ -352,6 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tx = optim.make_optimizer(config, schedule)
   manager = checkpointing.make_manager(workdir, config)
   writer = metrics.make_writer(workdir, primary)
+  train_iter = None
   try:
     start_step = manager.latest_step() or 0
     train_iter = data.make_train_iterator(config, mesh, start_step)
@@ -432,6 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Steps %d-%d took %s (compilation, evaluation and checkpoints included).',
                  start_step + 1, result['step'], metrics.format_duration(result['train_seconds']))
   finally:
+    if train_iter is not None:
+      train_iter.close()
     manager.close()
     writer.close()
   return result

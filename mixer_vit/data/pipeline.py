@@ -172,6 +172,11 @@ class TrainIterator:
     self.step += 1
     return batch
 
+  def close(self) -> None:
+    """Releases the tf.data iterator and its threads now, not at some later garbage collection
+    (the generators refer back to this object, so only the cycle collector would free them)."""
+    self._batches.close()
+
 
 class EvalIterable:
   """One full pass per ``iter()``: global batches ``{'image', 'labels', 'mask'}``.
