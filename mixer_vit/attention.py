@@ -21,12 +21,22 @@ writes, per image, a rollout overlay (``OUT``) and a figure of per-head maps for
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
+import jax
+from matplotlib import colormaps
 import numpy as np
+from PIL import Image
+
+from mixer_vit import infer
+from mixer_vit import models
+from mixer_vit import sizes
+from mixer_vit.data import preprocess
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,8 +194,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55,
 
   ``image`` is uint8 or float in [-1, 1] or [0, 1]; the map is scaled to [0, 1] by its range.
   """
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   rgb = to_uint8(image)
   h, w = rgb.shape[:2]
   m = np.asarray(heatmap, np.float32)
@@ -212,7 +220,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def save_overlay_png(path: str, image: np.ndarray, heatmap: np.ndarray, **kwargs) -> str:
   """Writes ``overlay(image, heatmap)`` as a PNG the size of the image; returns the path."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(overlay(image, heatmap, **kwargs)).save(path, format="PNG")
   return path
@@ -222,9 +229,9 @@ def save_figure_png(path: str, image: np.ndarray, rollout_hw: np.ndarray,
                     heads: np.ndarray | None = None, title: str | None = None,
                     layer: int | None = None) -> str:
   """A figure: input, rollout overlay and (optionally) one overlay per head of a layer."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.
   matplotlib.use("Agg", force=False)
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # noqa: PLC0415
   rgb = to_uint8(image)
   panels = [("input", rgb), ("rollout", overlay(rgb, rollout_hw))]
   if heads is not None:
@@ -255,9 +262,9 @@ def save_figure_png(path: str, image: np.ndarray, rollout_hw: np.ndarray,
 def save_summary_png(path: str, images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                      titles: Sequence[str] | None = None, columns: int = 4) -> str:
   """A figure of (image, rollout overlay) pairs for several images, e.g. for documentation."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.
   matplotlib.use("Agg", force=False)
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import pyplot as plt  # noqa: PLC0415
   n = len(images)
   columns = max(1, min(columns, n))
   rows = math.ceil(n / columns)
@@ -286,7 +293,6 @@ def save_summary_png(path: str, images: Sequence[np.ndarray], maps: Sequence[np.
 
 def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
   """Enlarges small images (e.g. 32x32) for viewing, keeping the aspect ratio."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = image.shape[:2]
   if min(h, w) >= min_side:
     return image
@@ -298,7 +304,6 @@ def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
 def display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.ndarray:
   """The picture to draw the map on: the decoded file when the preprocessing only resizes it
   (the map covers the whole file), else the model's input (e.g. after a central crop)."""
-  from mixer_vit.data import preprocess  # pylint: disable=g-import-not-at-top
   ops = [name for name, _, _ in preprocess.parse(classifier.pp)]
   if any(op in ("central_crop", "random_crop", "inception_crop", "resize_small", "flip_lr")
          for op in ops):
@@ -307,9 +312,6 @@ def display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from mixer_vit import infer  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m mixer_vit.attention",
       description="Attention rollout and per-head maps of a ViT, as PNG overlays.")
@@ -332,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     classifier = infer.load_classifier(
         args.checkpoint, args.model, labels=args.labels,
-        resolution=infer.parse_resolution(args.resolution), pp=args.pp)
+        resolution=sizes.parse(args.resolution), pp=args.pp)
     if classifier.model_config.family != "vit":
       raise ValueError(f"{classifier.model_config.name} is an MLP-Mixer: it has no attention; "
                        "attention maps need a ViT checkpoint")
@@ -354,8 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"error: {path}: {infer.error_text(e)}", file=sys.stderr)
       continue
     logits = maps["logits"][0]
-    probs = np.asarray(infer.jax.nn.sigmoid(logits) if classifier.activation == "sigmoid"
-                       else infer.jax.nn.softmax(logits))
+    probs = np.asarray(jax.nn.sigmoid(logits) if classifier.activation == "sigmoid"
+                       else jax.nn.softmax(logits))
     top = int(np.argmax(probs))
     title = f"{classifier.class_name(top)} ({probs[top]:.0%})"
     picture = upscale(display_image(classifier, data, x), args.min_side)

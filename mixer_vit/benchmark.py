@@ -18,17 +18,26 @@ random data; without it, the evaluation forward pass.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_vit import config_utils
+from mixer_vit import optim
+from mixer_vit import parallel
+from mixer_vit import sizes
+from mixer_vit import steps
 from mixer_vit import tcmalloc
 
 
@@ -186,7 +195,6 @@ def _random_batch(rng: np.random.Generator, batch: int, hw: tuple[int, int], num
 
 
 def _train_config(model: str, batch: int, dtype: str, overrides: dict[str, Any]):
-  from mixer_vit import config_utils  # pylint: disable=g-import-not-at-top
   config = config_utils.base_config()
   config.model_name = model
   config.batch_size = batch
@@ -205,15 +213,13 @@ def benchmark(model: str, batch: int = 32, train: bool = False, dtype: str = "fl
               mesh: Any = None) -> BenchmarkResult:
   """Compiles and times one step of ``model`` on random data; see the module docstring.
 
-  ``train=True`` times ``train.make_train_step`` (the trainer's jitted step, AdamW as in the
+  ``train=True`` times ``steps.make_train_step`` (the trainer's jitted step, AdamW as in the
   default config); otherwise the jitted ``model.apply(..., train=False)``.
   """
-  from mixer_vit import optim, parallel  # pylint: disable=g-import-not-at-top
-  from mixer_vit import train as trainer  # pylint: disable=g-import-not-at-top
   # Unrolled layers: XLA's cost analysis counts a scanned loop body only once.
   overrides = {"scan": False, **(overrides or {})}
   config = _train_config(model, batch, dtype, overrides)
-  model_config, module = trainer.build_model(config, num_classes)
+  model_config, module = steps.make_model(config, num_classes)
   hw = tuple(resolution or model_config.image_size)
   mesh = mesh or parallel.make_mesh()
   if batch % mesh.size:
@@ -229,9 +235,9 @@ def benchmark(model: str, batch: int = 32, train: bool = False, dtype: str = "fl
   if train:
     schedule = optim.make_schedule(config)
     tx = optim.make_optimizer(config, schedule)
-    state = jax.jit(lambda p: trainer.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+    state = jax.jit(lambda p: steps.state_from_params(p, tx),
                     out_shardings=repl)(params)
-    step = trainer.make_train_step(module, tx, schedule, config, mesh)
+    step = steps.make_train_step(module, tx, schedule, config, mesh)
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays, key).compile()
@@ -282,9 +288,6 @@ def benchmark(model: str, batch: int = 32, train: bool = False, dtype: str = "fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   parser = argparse.ArgumentParser(
       prog="python -m mixer_vit.benchmark",
       description="Compile time, images/s and FLOP/s (vs. a measured matmul peak) of a model.")
@@ -302,11 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--remat", action="store_true", help="rematerialise blocks (less memory)")
   parser.add_argument("--json", action="store_true", help="print the result as JSON")
   args = parser.parse_args(argv)
-  resolution = None
-  if args.resolution:
-    parts = [int(p) for p in args.resolution.replace("x", ",").split(",") if p]
-    resolution = (parts[0], parts[-1])
   try:
+    resolution = sizes.parse(args.resolution)
     result = benchmark(args.model, args.batch, args.train, args.dtype, resolution,
                        args.num_classes, args.runs, args.warmup, args.matmul_size,
                        overrides={"remat": True} if args.remat else None)

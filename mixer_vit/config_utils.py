@@ -6,7 +6,11 @@ Every config file in ``configs/`` starts from ``base_config()`` so all of them h
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import pathlib
+import types
 from typing import Any
 
 import ml_collections
@@ -123,3 +127,20 @@ def _tuples(value: Any) -> Any:
 def from_json(text: str) -> ml_collections.ConfigDict:
   """Inverse of ``to_json`` for the values configs hold."""
   return ml_collections.ConfigDict(_tuples(json.loads(text)))
+
+
+def load_config_module(path: str | os.PathLike) -> types.ModuleType:
+  """Imports a config file (e.g. ``configs/digits.py``) as a module, as ``--config=`` does."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'config file {path} not found.')
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of ``'FILE.py[:ARG]'``, the ``--config`` syntax: ``get_config(ARG)`` of FILE."""
+  path, _, arg = str(spec).partition(':')
+  return load_config_module(path).get_config(arg or None)

@@ -5,7 +5,7 @@ r"""Evaluates a checkpoint on a data set split: top-1, top-5 accuracy and the ex
       --dataset=cifar10 --pp='decode|resize(384)|value_range(-1,1)|onehot' [--split=test]
 
 It is the trainer's own evaluation: ``data.make_eval_iterator`` (every example of the split once,
-padding rows masked out) and ``train.make_eval_step`` / ``train.evaluate``, data parallel over all
+padding rows masked out) and ``steps.make_eval_step`` / ``steps.evaluate``, data parallel over all
 devices. A workdir brings its data config (``config.json``); ``--dataset``, ``--data_dir``,
 ``--pp`` and ``--batch_size`` override it. For an ``.npz`` file ``--dataset`` is required and the
 preprocessing defaults to a resize to the checkpoint's resolution.
@@ -13,12 +13,23 @@ preprocessing defaults to a resize to the checkpoint's resolution.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
+import jax
 import numpy as np
+
+from mixer_vit import config_utils
+from mixer_vit import data
+from mixer_vit import infer
+from mixer_vit import parallel
+from mixer_vit import sizes
+from mixer_vit import steps
+from mixer_vit import workdir as workdir_lib
 
 
 def evaluate_classifier(classifier: Any, config: Any, split: str | None = None,
@@ -28,7 +39,6 @@ def evaluate_classifier(classifier: Any, config: Any, split: str | None = None,
   Returns ``{'top1', 'top5', 'loss', 'examples', 'split', 'dataset'}`` (top5 is None for data sets
   of at most 5 classes, where it is trivially 1).
   """
-  from mixer_vit import data, parallel, train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   if split:
     with config.unlocked():
@@ -42,9 +52,11 @@ def evaluate_classifier(classifier: Any, config: Any, split: str | None = None,
   if config.eval_batch_size % mesh.size:
     with config.unlocked():
       config.eval_batch_size = max(mesh.size, config.eval_batch_size // mesh.size * mesh.size)
-  eval_step = train.make_eval_step(classifier.model, config, mesh)
+  eval_step = steps.make_eval_step(classifier.model, config, mesh)
   params = parallel.replicate(classifier.params, mesh)
-  result = train.evaluate(eval_step, params, config, mesh, info.num_classes)
+  batches = data.make_eval_iterator(config, mesh)
+  result = steps.evaluate(eval_step, params, batches, info.num_classes,
+                          f"the split {config.test_split!r} of {config.dataset!r}")
   return {
       "dataset": str(config.dataset), "split": str(config.test_split),
       "top1": result["test_accuracy"], "top5": result.get("test_top5_accuracy"),
@@ -59,8 +71,6 @@ def predict_split(classifier: Any, config: Any, split: str | None = None, mesh: 
 
   Single-process only (each process sees the whole global batch only on one host).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from mixer_vit import data, parallel, train  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise NotImplementedError("predict_split gathers predictions on one host; run it with one "
                               "process (evaluate_classifier works on many)")
@@ -78,7 +88,7 @@ def predict_split(classifier: Any, config: Any, split: str | None = None, mesh: 
                  in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
   labels, preds = [], []
   for batch in data.make_eval_iterator(config, mesh):
-    mask, y, pred = train.to_host((batch["mask"], batch["labels"], step(params, batch["image"])))
+    mask, y, pred = parallel.to_host((batch["mask"], batch["labels"], step(params, batch["image"])))
     labels.append(np.argmax(y, axis=-1)[mask])
     preds.append(pred[mask])
   return np.concatenate(labels), np.concatenate(preds)
@@ -95,10 +105,8 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def data_config(classifier: Any, dataset: str | None = None, data_dir: str | None = None,
                 pp: str | None = None, batch_size: int | None = None) -> Any:
   """The data config to evaluate ``classifier`` with: its workdir's, or defaults for an .npz."""
-  from mixer_vit import config_utils, infer, train  # pylint: disable=g-import-not-at-top
-  if infer.is_workdir(classifier.source):
-    with open(os.path.join(classifier.source, train.CONFIG_FILE), encoding="utf-8") as f:
-      config = config_utils.from_json(f.read())
+  if workdir_lib.is_workdir(classifier.source):
+    config = workdir_lib.read_config(classifier.source)
   else:
     if not dataset:
       raise ValueError("--dataset is required for an .npz checkpoint (a tfds name such as "
@@ -119,9 +127,6 @@ def data_config(classifier: Any, dataset: str | None = None, data_dir: str | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from mixer_vit import infer  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog="python -m mixer_vit.evaluate",
       description="Top-1/top-5 accuracy of a checkpoint on a data set split (exact, masked).")
@@ -138,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     classifier = infer.load_classifier(
-        args.checkpoint, args.model, resolution=infer.parse_resolution(args.resolution),
+        args.checkpoint, args.model, resolution=sizes.parse(args.resolution),
         dtype=args.dtype)
     config = data_config(classifier, args.dataset, args.data_dir, args.pp, args.batch_size)
     result = evaluate_classifier(classifier, config, args.split)

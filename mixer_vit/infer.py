@@ -7,7 +7,7 @@ r"""Classifies image files with a trained ViT or Mixer: top-k classes with names
 The preprocessing is the evaluation preprocessing the checkpoint expects:
 - a training workdir (``python -m mixer_vit.main --workdir=...``): its ``pp_test`` (label ops
   dropped; a resize to the training resolution added when the string has none), its class names,
-  and its model and latest parameters (``train.load_workdir``);
+  and its model and latest parameters (``workdir.load_workdir``);
 - an ``.npz`` file: ``decode|resize(H, W)|value_range(-1, 1)`` where (H, W) is the resolution the
   checkpoint was trained at, read from its position embeddings (``--resolution`` overrides it for
   non-square checkpoints); class names from ``--labels`` (one per line, in label order).
@@ -19,16 +19,27 @@ is then 1.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
 import re
 import sys
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mixer_vit import models
+from mixer_vit import params_io
+from mixer_vit import sizes
+from mixer_vit import steps
+from mixer_vit import workdir as workdir_lib
+from mixer_vit.data import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Ops that only concern labels; inference has none.
@@ -64,7 +75,6 @@ class Classifier:
 
   def preprocess(self, image: bytes | np.ndarray) -> np.ndarray:
     """Encoded bytes (or a uint8 HWC array) -> float32 (H, W, 3) in [-1, 1] for this model."""
-    from mixer_vit.data import preprocess  # pylint: disable=g-import-not-at-top
     if self._pp_fn is None:
       self._pp_fn = preprocess.get_preprocess_fn(self.pp)
     out = np.asarray(self._pp_fn({"image": image})["image"], np.float32)
@@ -86,12 +96,6 @@ class Classifier:
 
 # ----------------------------------------------------------------------------------------------
 # Loading.
-
-
-def is_workdir(path: str) -> bool:
-  """True for a training workdir (it holds config.json)."""
-  from mixer_vit import train  # pylint: disable=g-import-not-at-top
-  return os.path.isdir(path) and os.path.exists(os.path.join(path, train.CONFIG_FILE))
 
 
 def read_labels(path: str) -> list[str]:
@@ -154,20 +158,19 @@ def load_classifier(checkpoint_path: str, model: str | None = None, *,
     dtype: compute dtype ('float32', 'bfloat16').
     activation: 'softmax' or 'sigmoid' (default: sigmoid only for sigmoid_xent workdirs).
   """
-  from mixer_vit import checkpoint, models, train  # pylint: disable=g-import-not-at-top
-  if isinstance(resolution, int):
-    resolution = (resolution, resolution)
-  if is_workdir(checkpoint_path):
-    trained = train.load_workdir(checkpoint_path)
+  if resolution is not None:
+    resolution = sizes.pair(resolution, '--resolution')
+  if workdir_lib.is_workdir(checkpoint_path):
+    trained = workdir_lib.load_workdir(checkpoint_path)
     if model and models.resolve_name(model) != models.resolve_name(trained.config.model_name):
       raise ValueError(f"--model={model} but the workdir {checkpoint_path} trained "
                        f"{trained.config.model_name}; leave --model out for a workdir")
     model_config, module = trained.model_config, trained.model
     if dtype and dtype != model_config.dtype:
-      model_config = models.get_model_config(
-          model_config.name, **{**_config_overrides(trained.config), "dtype": dtype,
-                                "num_classes": model_config.num_classes})
-      module = models.build_model(model_config)
+      config = trained.config.copy_and_resolve_references()
+      config.dtype = dtype
+      model_config, module = steps.make_model(config, model_config.num_classes,
+                                              trained.image_shape[:2])
     image_size = tuple(trained.image_shape[:2])
     if resolution and tuple(resolution) != image_size:
       raise ValueError(f"--resolution={resolution} differs from the workdir's training "
@@ -188,15 +191,15 @@ def load_classifier(checkpoint_path: str, model: str | None = None, *,
   if not model:
     raise ValueError("--model is required for an .npz checkpoint (e.g. --model=ViT-B_16); "
                      f"known models: {', '.join(models.list_models())}")
-  tree = checkpoint.load_npz(checkpoint_path)
+  tree = params_io.load_npz(checkpoint_path)
   overrides = _npz_overrides(tree, models.get_model_config(model))
   if dtype:
     overrides["dtype"] = dtype
   if resolution:
     overrides["image_size"] = tuple(resolution)
   model_config = models.get_model_config(model, **overrides)
-  params = checkpoint.load_params(tree, model_config)
-  image_size = checkpoint.image_size_from_params(params, model_config)
+  params = models.load_params(tree, model_config)
+  image_size = models.image_size_from_params(params, model_config)
   image_size = tuple(image_size or model_config.image_size)
   class_names = read_labels(labels) if labels else None
   if class_names and len(class_names) != model_config.num_classes:
@@ -207,10 +210,6 @@ def load_classifier(checkpoint_path: str, model: str | None = None, *,
       model_config=model_config, model=models.build_model(model_config), params=params,
       image_size=image_size, pp=pp or f"decode|resize(({h}, {w}))|value_range(-1, 1)",
       class_names=class_names, activation=activation or "softmax", source=checkpoint_path)
-
-
-def _config_overrides(config) -> dict[str, Any]:
-  return config.model.to_dict() if config.get("model") else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,20 +298,7 @@ def format_result(result: dict[str, Any]) -> str:
 # Command line.
 
 
-def parse_resolution(text: str | None):
-  if not text:
-    return None
-  parts = [int(p) for p in re.split(r"[,x ]+", text.strip()) if p]
-  if len(parts) == 1:
-    return (parts[0], parts[0])
-  if len(parts) == 2:
-    return tuple(parts)
-  raise ValueError(f"--resolution must be R or H,W; got {text!r}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   parser = argparse.ArgumentParser(
       prog="python -m mixer_vit.infer", description=__doc__.split("\n\n")[0].strip(),
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     classifier = load_classifier(
         args.checkpoint, args.model, labels=args.labels,
-        resolution=parse_resolution(args.resolution), pp=args.pp, dtype=args.dtype,
+        resolution=sizes.parse(args.resolution), pp=args.pp, dtype=args.dtype,
         activation=args.activation)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -59,8 +59,9 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}; values go in --config.KEY=VALUE.')
-  from mixer_vit import parallel  # pylint: disable=g-import-not-at-top
-  from mixer_vit import train  # pylint: disable=g-import-not-at-top
+  # Imported here, after the tcmalloc restart: JAX and TensorFlow take seconds to import.
+  from mixer_vit import parallel  # noqa: PLC0415
+  from mixer_vit import train  # noqa: PLC0415
   _quiet_orbax()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())

@@ -16,7 +16,7 @@ from absl import logging
 from clu import metric_writers
 import numpy as np
 
-JSONL_FILE = 'metrics.jsonl'
+from mixer_vit import workdir as workdir_lib
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -78,7 +78,7 @@ def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricW
   os.makedirs(workdir, exist_ok=True)
   return metric_writers.MultiWriter([
       metric_writers.SummaryWriter(workdir),
-      JsonlWriter(os.path.join(workdir, JSONL_FILE)),
+      JsonlWriter(os.path.join(workdir, workdir_lib.METRICS_FILE)),
   ])
 
 

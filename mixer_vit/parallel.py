@@ -57,6 +57,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Micro-batches stacked on a leading axis ``(k, B/k, ...)``: the second axis split."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def mesh_process_indices(mesh: Mesh) -> list[int]:
   """Sorted ids of the processes that own devices of ``mesh``."""
   return sorted({d.process_index for d in mesh.devices.flat})
@@ -91,3 +96,14 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree (e.g. the train state) fully on every device of ``mesh``."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of replicated arrays (works on every process of a multi-host run)."""
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)

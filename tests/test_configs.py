@@ -1,6 +1,5 @@
 """Every config file loads for the arguments its docstring documents, with the keys scripts need."""
 
-import importlib.util
 import pathlib
 import re
 
@@ -9,6 +8,7 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
+from mixer_vit import config_utils
 from mixer_vit import models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -21,10 +21,7 @@ REQUIRED_KEYS = ('total_steps', 'batch_size', 'dataset', 'seed', 'pretrained', '
 
 
 def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_utils.load_config_module(CONFIG_DIR / f'{name}.py')
 
 
 def _documented_args():

@@ -1,6 +1,5 @@
 """Training loop: learning, device-count invariance, exact resume, accumulation, fine-tuning, NaN."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,20 +10,14 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mixer_vit import checkpoint
-from mixer_vit import checkpointing
+from mixer_vit import config_utils
 from mixer_vit import metrics
 from mixer_vit import parallel
+from mixer_vit import params_io
 from mixer_vit import train
+from mixer_vit import workdir as workdir_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-
-
-def _config_module(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -46,7 +39,7 @@ def compilation_cache_for_repeated_runs(tmp_path_factory):
 def tiny_config(arg=None, **overrides):
   """configs/digits.py with a one-layer model, no augmentation and short intervals: seconds per
   run."""
-  c = _config_module('digits').get_config(arg)
+  c = config_utils.load_config_module(CONFIG_DIR / 'digits.py').get_config(arg)
   c.pp_train = 'decode|value_range(-1,1)|onehot'
   c.pp_test = 'decode|value_range(-1,1)|onehot'
   c.model.hidden_size = 32
@@ -109,7 +102,7 @@ def test_short_digits_run_learns_and_fills_the_workdir(digits_run):
   assert all(np.isfinite(r['loss']) and r['lr'] >= 0 and r['img_per_s'] > 0
              for r in rows if 'loss' in r)
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
-  assert checkpointing.make_manager(workdir, config).all_steps() == [75, 150]
+  assert workdir_lib.make_manager(workdir, config).all_steps() == [75, 150]
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['total_steps'] == 150
   with open(os.path.join(workdir, 'dataset_info.json')) as f:
@@ -119,10 +112,10 @@ def test_short_digits_run_learns_and_fills_the_workdir(digits_run):
 
 def test_load_workdir_returns_the_final_model(digits_run):
   _, workdir, _ = digits_run
-  trained = train.load_workdir(workdir)
+  trained = workdir_lib.load_workdir(workdir)
   assert trained.step == 150 and trained.class_names == [str(i) for i in range(10)]
   assert trained.config.model.patches.size == (2, 2)
-  npz = checkpoint.load_npz(os.path.join(workdir, 'params.npz'))
+  npz = params_io.load_npz(os.path.join(workdir, 'params.npz'))
   assert_trees_close(trained.params, npz, rtol=0, atol=0)
   logits = trained.model.apply({'params': trained.params},
                                np.zeros((2, *trained.image_shape), np.float32), train=False)
@@ -140,8 +133,8 @@ def test_resume_from_the_middle_equals_an_uninterrupted_run(tmp_path):
   second = train.train_and_evaluate(config, parts)  # Same command again: resumes at 6.
   assert second['step'] == 12
   assert losses(parts) == pytest.approx(losses(full), rel=1e-6)
-  assert_trees_close(checkpoint.load_npz(os.path.join(parts, 'params.npz')),
-                     checkpoint.load_npz(os.path.join(full, 'params.npz')), rtol=1e-6, atol=1e-7)
+  assert_trees_close(params_io.load_npz(os.path.join(parts, 'params.npz')),
+                     params_io.load_npz(os.path.join(full, 'params.npz')), rtol=1e-6, atol=1e-7)
 
 
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
@@ -164,8 +157,8 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
   train.train_and_evaluate(config, str(tmp_path / 'accum'))
   assert losses(str(tmp_path / 'accum')) == pytest.approx(losses(str(tmp_path / 'full')),
                                                            rel=1e-5)
-  assert_trees_close(checkpoint.load_npz(str(tmp_path / 'accum' / 'params.npz')),
-                     checkpoint.load_npz(str(tmp_path / 'full' / 'params.npz')))
+  assert_trees_close(params_io.load_npz(str(tmp_path / 'accum' / 'params.npz')),
+                     params_io.load_npz(str(tmp_path / 'full' / 'params.npz')))
 
 
 def test_batch_not_divisible_by_devices_times_accumulation_fails_clearly(tmp_path):
@@ -189,7 +182,7 @@ def test_finetuning_from_npz_replaces_the_head(digits_run, tmp_path):
   _, workdir, _ = digits_run
   pretrained = os.path.join(workdir, 'params.npz')
   folder = _image_folder(tmp_path / 'three_classes', classes=3, per_class=4)
-  config = _config_module('finetune').get_config('testing,digits')
+  config = config_utils.load_config(f'{CONFIG_DIR}/finetune.py:testing,digits')
   config.model = tiny_config().model
   config.dataset = folder
   config.pretrained = pretrained
@@ -199,8 +192,8 @@ def test_finetuning_from_npz_replaces_the_head(digits_run, tmp_path):
   out = str(tmp_path / 'finetuned')
   result = train.train_and_evaluate(config, out)
   assert result['test_examples'] == 12
-  before = flat(checkpoint.load_npz(pretrained))
-  after = flat(checkpoint.load_npz(os.path.join(out, 'params.npz')))
+  before = flat(params_io.load_npz(pretrained))
+  after = flat(params_io.load_npz(os.path.join(out, 'params.npz')))
   assert after['head/kernel'].shape == (32, 3) and before['head/kernel'].shape == (32, 10)
   assert after['head/bias'].shape == (3,)
   for name in before:
@@ -221,8 +214,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   bad = tiny_config(total_steps=10, checkpoint_every=1, lr=float('inf'))
   with pytest.raises(train.NonFiniteLossError, match='step 5.*checkpoint of step 4'):
     train.train_and_evaluate(bad, workdir)
-  assert checkpointing.make_manager(workdir, good).latest_step() == 4
-  state_params = train.load_workdir(workdir).params
+  assert workdir_lib.make_manager(workdir, good).latest_step() == 4
+  state_params = workdir_lib.load_workdir(workdir).params
   assert all(np.isfinite(v).all() for v in flat(state_params).values())
 
 
@@ -230,5 +223,5 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_mixer_and_bfloat16_compute_train(arg, dtype, tmp_path):
   result = train.train_and_evaluate(tiny_config(arg, total_steps=3, dtype=dtype), str(tmp_path))
   assert result['step'] == 3 and np.isfinite(result['loss'])
-  params = checkpoint.load_npz(str(tmp_path / 'params.npz'))
+  params = params_io.load_npz(str(tmp_path / 'params.npz'))
   assert {v.dtype for v in flat(params).values()} == {np.dtype('float32')}  # Parameters stay f32.

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import time
 
-from mixer_vit import checkpointing
 from mixer_vit import metrics
+from mixer_vit import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   output, _ = process.communicate(timeout=120)
   assert process.returncode == 0, output[-3000:]
   assert 'Stopped after step' in output
-  steps = checkpointing.make_manager(str(workdir), None, read_only=True).all_steps()
+  steps = workdir_lib.make_manager(str(workdir), None, read_only=True).all_steps()
   last_logged = metrics.read_jsonl(str(jsonl))[-1]['step']
   assert steps == [last_logged] and 0 < last_logged < 100000
   assert not (workdir / 'params.npz').exists()  # Only a finished run writes it.

@@ -1,0 +1,194 @@
+"""The model, train state and jitted steps of a training config: pure JAX, no I/O.
+
+``make_model`` turns a training config into the flax module; ``make_init_fn`` builds the
+``TrainState`` (step, parameters, optimiser state); ``make_train_step`` and ``make_eval_step`` are
+the jitted functions the trainer, the evaluation command and the benchmark all run, with explicit
+shardings from ``mixer_vit.parallel`` (batch split over the ``data`` axis, state replicated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mixer_vit import losses
+from mixer_vit import models
+from mixer_vit import parallel
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates done so far.
+  params: Any
+  opt_state: Any
+
+
+def make_model(
+  config: ml_collections.ConfigDict, num_classes: int, image_size: tuple[int, int] | None = None
+) -> tuple[ml_collections.ConfigDict, Any]:
+  """The model config (registry entry + ``config.model`` overrides) and its flax module.
+
+  ``num_classes`` comes from the data set, ``image_size`` (H, W) from the training images, so the
+  model config written with a run describes the trained model exactly.
+  """
+  if config.dtype not in DTYPES:
+    raise ValueError(f'config.dtype {config.dtype!r} is not one of {DTYPES}.')
+  overrides = config.model.to_dict() if config.get('model') else {}
+  overrides.update(num_classes=num_classes, dtype=config.dtype)
+  if image_size is not None:
+    overrides['image_size'] = tuple(image_size)
+  model_config = models.get_model_config(config.model_name, **overrides)
+  return model_config, models.build_model(model_config)
+
+
+def make_init_fn(
+  model, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
+) -> Callable[[jax.Array], TrainState]:
+  """``key -> TrainState`` at step 0 with freshly initialised parameters (jit it)."""
+
+  def init(key):
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    params = model.init({'params': key}, images, train=False)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return init
+
+
+def state_from_params(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  """A step-0 ``TrainState`` around given (e.g. pretrained) parameters (jit it)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """(B, ...) -> (k, B/k, ...) where micro-batch j holds rows j, j+k, j+2k, ...
+
+  Every device holds a contiguous slice of the batch, so interleaving keeps each micro-batch
+  spread evenly over all devices (no data moves)."""
+  x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+  return jnp.swapaxes(x, 0, 1)
+
+
+def make_train_step(
+  model,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+) -> Callable[
+  [TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]
+]:
+  """A jitted ``(state, batch, rng) -> (state, metrics)``; ``state`` is donated.
+
+  Dropout keys are ``fold_in(rng, step)`` (and the micro-batch index), so they depend only on the
+  step, not on the devices. With ``accum_steps = k`` the batch is cut into k micro-batches whose
+  gradients are averaged in a ``lax.scan``: one optimiser update per step.
+  """
+  loss_fn = losses.get_loss_fn(config.loss)
+  k = config.accum_steps
+  micro_sharding = parallel.micro_batch_sharding(mesh)
+
+  def loss_and_grads(params, images, labels, key):
+    def mean_loss(p):
+      logits = model.apply({'params': p}, images, train=True, rngs={'dropout': key})
+      return jnp.mean(loss_fn(logits, labels))
+
+    return jax.value_and_grad(mean_loss)(params)
+
+  def train_step(state, batch, rng):
+    key = jax.random.fold_in(rng, state.step)
+    if k == 1:
+      loss, grads = loss_and_grads(state.params, batch['image'], batch['labels'], key)
+    else:
+      inputs = {'image': batch['image'], 'labels': batch['labels']}
+      micro = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(_micro_batches(x, k), micro_sharding), inputs
+      )
+
+      def accumulate(carry, inputs):
+        index, mb = inputs
+        key_j = jax.random.fold_in(key, index)
+        loss, grads = loss_and_grads(state.params, mb['image'], mb['labels'], key_j)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+      loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    # param_norm also catches updates that went non-finite while the loss was still finite.
+    return new_state, {
+      'loss': loss,
+      'grad_norm': optax.global_norm(grads),
+      'param_norm': optax.global_norm(params),
+      'lr': schedule(state.step),
+    }
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(
+    train_step,
+    in_shardings=(repl, parallel.batch_sharding(mesh), repl),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
+
+
+def make_eval_step(
+  model, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+  """A jitted ``(params, batch) -> sums`` over the rows whose ``mask`` is True."""
+  loss_fn = losses.get_loss_fn(config.loss)
+
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
+    mask = batch['mask'].astype(bool)
+    label = jnp.argmax(batch['labels'], axis=-1)
+    label_logit = jnp.take_along_axis(logits, label[:, None], axis=-1)
+    rank = jnp.sum(logits > label_logit, axis=-1)  # 0 when the label scores highest.
+    correct = (jnp.argmax(logits, axis=-1) == label) & mask
+    return {  # Counts in int32: exact for any split size.
+      'correct': jnp.sum(correct, dtype=jnp.int32),
+      'correct_top5': jnp.sum((rank < 5) & mask, dtype=jnp.int32),
+      'loss': jnp.sum(jnp.where(mask, loss_fn(logits, batch['labels']), 0.0)),
+      'count': jnp.sum(mask, dtype=jnp.int32),
+    }
+
+  repl = parallel.replicated(mesh)
+  return jax.jit(
+    eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl
+  )
+
+
+def evaluate(
+  eval_step, params, batches: Iterable[Mapping[str, jax.Array]], num_classes: int, what: str
+) -> dict[str, float]:
+  """Exact metrics over every batch of ``batches`` (padding rows masked out).
+
+  ``what`` names the split in the error raised when it is empty.
+  """
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError(f'{what} is empty.')
+  totals = parallel.to_host(totals)
+  count = int(totals['count'])
+  result = {
+    'test_accuracy': int(totals['correct']) / count,
+    'test_loss': float(totals['loss']) / count,
+    'test_examples': count,
+  }
+  if num_classes > 5:
+    result['test_top5_accuracy'] = float(totals['correct_top5']) / count
+  return result
