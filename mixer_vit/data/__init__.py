@@ -1,13 +1,28 @@
 """Input pipelines: data sets, preprocessing ops, batches laid out over the device mesh.
 
-Public API (see README, section Data):
+Public API (see README, section Data); ``config`` is the training config (a ConfigDict or a dict,
+read once into a ``DataConfig``) or a ``DataConfig``:
   get_info(config) -> DatasetInfo
   make_train_iterator(config, mesh, start_step=0) -> endless global batches {'image', 'labels'}
   make_eval_iterator(config, mesh, split=None) -> one exact pass {'image', 'labels', 'mask'}
   preprocess.get_preprocess_fn(pp, num_classes=None) -> example dict -> example dict
+
+Modules, each importing only those before it:
+  base          DataConfig, DatasetInfo, Split, Source: what the others share
+  digits        the bundled offline digits set, written in tfds format on first use
+  tfds_stream   streaming reads of tfds splits too big for memory
+  tfds_source   finding prepared tfds sets without network; TfdsSource
+  folder        image folders ROOT/<split>/<class>/*.jpg
+  sources       open_source(config): picks the source for config.dataset
+  preprocess    the preprocessing ops and pp strings
+  pipeline      per-process datasets and global batches
+  benchmark, mnist_idx   command-line tools
 """
 
 from mixer_vit.data import preprocess
+from mixer_vit.data import sources
+from mixer_vit.data.base import DataConfig
+from mixer_vit.data.base import DatasetInfo
 from mixer_vit.data.folder import CorruptImageError
 from mixer_vit.data.pipeline import EvalIterable
 from mixer_vit.data.pipeline import TrainIterator
@@ -16,11 +31,20 @@ from mixer_vit.data.pipeline import local_eval_dataset
 from mixer_vit.data.pipeline import local_train_dataset
 from mixer_vit.data.pipeline import make_eval_iterator
 from mixer_vit.data.pipeline import make_train_iterator
-from mixer_vit.data.sources import DatasetInfo
 from mixer_vit.data.tfds_source import NotPreparedError
 
 __all__ = [
-    "CorruptImageError", "DatasetInfo", "EvalIterable", "NotPreparedError", "TrainIterator",
-    "get_info", "local_eval_dataset", "local_train_dataset", "make_eval_iterator",
-    "make_train_iterator", "preprocess",
+  'CorruptImageError',
+  'DataConfig',
+  'DatasetInfo',
+  'EvalIterable',
+  'NotPreparedError',
+  'TrainIterator',
+  'get_info',
+  'local_eval_dataset',
+  'local_train_dataset',
+  'make_eval_iterator',
+  'make_train_iterator',
+  'preprocess',
+  'sources',
 ]

@@ -12,10 +12,11 @@ uint8 as ``round(v * 255 / 16)``; images are (8, 8, 1) grey.
 from __future__ import annotations
 
 import numpy as np
+from sklearn import datasets as sklearn_datasets
 import tensorflow_datasets as tfds
 
-NAME = "digits"
-VERSION = "1.0.0"
+NAME = 'digits'
+VERSION = '1.0.0'
 NUM_TRAIN = 1498
 NUM_TEST = 299
 NUM_CLASSES = 10
@@ -33,28 +34,31 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(names=[str(i) for i in range(NUM_CLASSES)]),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(8, 8, 1)),
+          'label': tfds.features.ClassLabel(names=[str(i) for i in range(NUM_CLASSES)]),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset',
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the data come with scikit-learn.
-    return {"train": self._generate_examples(test=False),
-            "test": self._generate_examples(test=True)}
+    return {
+      'train': self._generate_examples(test=False),
+      'test': self._generate_examples(test=True),
+    }
 
   def _generate_examples(self, test: bool):
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    digits = load_digits()
+    digits = sklearn_datasets.load_digits()
     images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
     for index, (image, label) in enumerate(zip(images, digits.target)):
       if _is_test(index) == test:
-        yield index, {"image": image, "label": int(label)}
+        yield index, {'image': image, 'label': int(label)}
 
 
 def prepare(data_dir: str) -> str:
@@ -62,5 +66,6 @@ def prepare(data_dir: str) -> str:
   builder = Digits(data_dir=data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
   return str(builder.data_dir)

@@ -19,14 +19,14 @@ import os
 import re
 import threading
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
-from mixer_vit.data import sources
+from mixer_vit.data import base
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-_SPLIT_RE = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*([^\]:]*?)\s*:\s*([^\]:]*?)\s*\])?\s*$")
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_SPLIT_RE = re.compile(r'^\s*([\w.-]+)\s*(?:\[\s*([^\]:]*?)\s*:\s*([^\]:]*?)\s*\])?\s*$')
 
 
 class CorruptImageError(ValueError):
@@ -36,7 +36,7 @@ class CorruptImageError(ValueError):
 def _bound(text: str, n: int, default: int) -> int:
   if not text:
     return default
-  if text.endswith("%"):
+  if text.endswith('%'):
     value = round(n * float(text[:-1]) / 100)
   else:
     value = int(text)
@@ -46,12 +46,14 @@ def _bound(text: str, n: int, default: int) -> int:
 def parse_split(split: str) -> list[tuple[str, str, str]]:
   """``'train[:90%]+test'`` -> ``[('train', '', '90%'), ('test', '', '')]`` (tfds-like slices)."""
   parts = []
-  for part in split.split("+"):
+  for part in split.split('+'):
     m = _SPLIT_RE.match(part)
     if not m:
-      raise ValueError(f"cannot parse split {split!r}; use e.g. 'train', 'test', 'train[:90%]', "
-                       "'train[1000:]', 'train[:50%]+test'")
-    parts.append((m.group(1), m.group(2) or "", m.group(3) or ""))
+      raise ValueError(
+        f"cannot parse split {split!r}; use e.g. 'train', 'test', 'train[:90%]', "
+        "'train[1000:]', 'train[:50%]+test'"
+      )
+    parts.append((m.group(1), m.group(2) or '', m.group(3) or ''))
   return parts
 
 
@@ -60,11 +62,11 @@ def _decode_error(data: bytes) -> str | None:
     tf.io.decode_image(data, channels=3, expand_animations=False)
     return None
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    return str(e.message).split("\n")[0]
+    return str(e.message).split('\n')[0]
 
 
 def _is_local(path: str) -> bool:
-  return "://" not in path
+  return '://' not in path
 
 
 def _total_size(paths: list[str]) -> int:
@@ -76,63 +78,80 @@ def _total_size(paths: list[str]) -> int:
 
 def _read_all(paths: list[str]) -> list[bytes]:
   """File contents; sequential for local disks (fastest), 16 threads for remote storage."""
+
   def read(path):
     if _is_local(path):
-      with open(path, "rb") as f:
+      with open(path, 'rb') as f:
         return f.read()
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with tf.io.gfile.GFile(path, 'rb') as f:
       return f.read()
+
   if paths and _is_local(paths[0]):
     return [read(p) for p in paths]
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     return list(pool.map(read, paths))
 
 
-class ImageFolder(sources.Source):
+class ImageFolder(base.Source):
   """The image folder at ``root``."""
 
-  def __init__(self, root: str, skip_corrupt: bool = False,
-               in_memory_max_bytes: int = sources.DEFAULT_IN_MEMORY_MB * 2**20):
+  def __init__(
+    self,
+    root: str,
+    skip_corrupt: bool = False,
+    in_memory_max_bytes: int = base.DEFAULT_IN_MEMORY_MB * 2**20,
+  ):
     self.root = os.path.expanduser(root)
     self.name = self.root
     if not tf.io.gfile.isdir(self.root):
-      raise FileNotFoundError(f"image folder {self.root!r} does not exist; expected "
-                              "ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg")
-    available = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(self.root)
-                       if tf.io.gfile.isdir(os.path.join(self.root, d)))
+      raise FileNotFoundError(
+        f'image folder {self.root!r} does not exist; expected '
+        'ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg'
+      )
+    available = sorted(
+      d.rstrip('/')
+      for d in tf.io.gfile.listdir(self.root)
+      if tf.io.gfile.isdir(os.path.join(self.root, d))
+    )
     if not available:
-      raise FileNotFoundError(f"image folder {self.root!r} has no split folders; expected "
-                              "ROOT/train/<class>/* and ROOT/test/<class>/*")
+      raise FileNotFoundError(
+        f'image folder {self.root!r} has no split folders; expected '
+        'ROOT/train/<class>/* and ROOT/test/<class>/*'
+      )
     self._available = available
-    reference = "train" if "train" in available else available[0]
+    reference = 'train' if 'train' in available else available[0]
     self.class_names = self._class_dirs(reference)
     if not self.class_names:
-      raise FileNotFoundError(f"{os.path.join(self.root, reference)} has no class folders")
+      raise FileNotFoundError(f'{os.path.join(self.root, reference)} has no class folders')
     self.num_classes = len(self.class_names)
     self.image_shape = None
     self._skip_corrupt = skip_corrupt
     self.skipped: dict[str, list[str]] = {}  # split folder -> corrupt files left out
     self._in_memory_max_bytes = in_memory_max_bytes
     self._files: dict[str, list[tuple[str, int]]] = {}
-    self._splits: dict[str, sources.Split] = {}
+    self._splits: dict[str, base.Split] = {}
     self._lock = threading.Lock()
 
   def _class_dirs(self, split_name: str) -> list[str]:
     path = os.path.join(self.root, split_name)
-    return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
-                  if tf.io.gfile.isdir(os.path.join(path, d)))
+    return sorted(
+      d.rstrip('/') for d in tf.io.gfile.listdir(path) if tf.io.gfile.isdir(os.path.join(path, d))
+    )
 
   def _base_files(self, split_name: str) -> list[tuple[str, int]]:
     """(path, label) of a split folder in the fixed MD5 order; corrupt ones left out if asked."""
     if split_name in self._files:
       return self._files[split_name]
     if split_name not in self._available:
-      raise ValueError(f"split {split_name!r} not found in image folder {self.root!r}; "
-                       f"it has {self._available}")
+      raise ValueError(
+        f'split {split_name!r} not found in image folder {self.root!r}; it has {self._available}'
+      )
     unknown = sorted(set(self._class_dirs(split_name)) - set(self.class_names))
     if unknown:
-      raise ValueError(f"{os.path.join(self.root, split_name)} has class folders {unknown} that "
-                       f"are not in the class list {self.class_names} (from the train folder)")
+      raise ValueError(
+        f'{os.path.join(self.root, split_name)} has class folders {unknown} that '
+        f'are not in the class list {self.class_names} (from the train folder)'
+      )
     files, ignored = [], 0
     for label, name in enumerate(self.class_names):
       class_dir = os.path.join(self.root, split_name, name)
@@ -144,26 +163,44 @@ class ImageFolder(sources.Source):
         else:
           ignored += 1
     if ignored:
-      logging.info("%s: ignored %d files that are not .jpg/.jpeg/.png", split_name, ignored)
-    files.sort(key=lambda f: hashlib.md5(
-        os.path.relpath(f[0], self.root).encode("utf-8")).hexdigest())
+      logging.info('%s: ignored %d files that are not .jpg/.jpeg/.png', split_name, ignored)
+    files.sort(
+      key=lambda f: hashlib.md5(os.path.relpath(f[0], self.root).encode('utf-8')).hexdigest()
+    )
     if self._skip_corrupt:
       files = self._drop_corrupt(split_name, files)
     self._files[split_name] = files
     return files
 
   def _drop_corrupt(self, split_name, files):
-    paths = tf.constant([p for p, _ in files] or [""])
-    ds = tf.data.Dataset.range(len(files)).map(
-        lambda i: (i, tf.shape(tf.io.decode_image(tf.io.read_file(tf.gather(paths, i)),
-                                                  channels=3, expand_animations=False))),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    paths = tf.constant([p for p, _ in files] or [''])
+    ds = (
+      tf.data.Dataset.range(len(files))
+      .map(
+        lambda i: (
+          i,
+          tf.shape(
+            tf.io.decode_image(
+              tf.io.read_file(tf.gather(paths, i)), channels=3, expand_animations=False
+            )
+          ),
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+      )
+      .ignore_errors()
+    )
     good = {int(i) for i, _ in ds.as_numpy_iterator()}
     bad = [files[i][0] for i in range(len(files)) if i not in good]
     if bad:
-      logging.warning("skip_corrupt: skipped %d corrupt image file(s) in %s/%s: %s%s", len(bad),
-                      self.root, split_name, ", ".join(bad[:10]),
-                      " ..." if len(bad) > 10 else "")
+      logging.warning(
+        'skip_corrupt: skipped %d corrupt image file(s) in %s/%s: %s%s',
+        len(bad),
+        self.root,
+        split_name,
+        ', '.join(bad[:10]),
+        ' ...' if len(bad) > 10 else '',
+      )
     self.skipped[split_name] = bad
     return [f for i, f in enumerate(files) if i in good]
 
@@ -172,7 +209,7 @@ class ImageFolder(sources.Source):
     for name, start, stop in parse_split(split):
       files = self._base_files(name)
       n = len(files)
-      chosen.extend(files[_bound(start, n, 0):_bound(stop, n, n)])
+      chosen.extend(files[_bound(start, n, 0) : _bound(stop, n, n)])
     return chosen
 
   def num_examples(self, split):
@@ -197,45 +234,58 @@ class ImageFolder(sources.Source):
     if len(data) * int(np.prod(first)) > self._in_memory_max_bytes:
       return None
     encoded = tf.constant(np.asarray(data, dtype=object))
-    ds = tf.data.Dataset.range(len(data)).map(
+    ds = (
+      tf.data.Dataset.range(len(data))
+      .map(
         lambda i: tf.io.decode_image(tf.gather(encoded, i), channels=3, expand_animations=False),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(4096)
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+      )
+      .batch(4096)
+    )
     try:
       images = np.concatenate(list(ds.as_numpy_iterator()))
     except tf.errors.OpError:  # Mixed shapes or an undecodable file.
       return None
-    logging.info("Decoded %d images of shape %s into memory (%.1f MB)", len(images),
-                 tuple(first), images.nbytes / 2**20)
+    logging.info(
+      'Decoded %d images of shape %s into memory (%.1f MB)',
+      len(images),
+      tuple(first),
+      images.nbytes / 2**20,
+    )
     return images
 
-  def _open(self, split) -> sources.Split:
+  def _open(self, split) -> base.Split:
     files = self._files_of(split)
     if not files:
-      raise ValueError(f"split {split!r} of image folder {self.root!r} has no images")
+      raise ValueError(f'split {split!r} of image folder {self.root!r} has no images')
     paths = [p for p, _ in files]
     labels = np.asarray([label for _, label in files], np.int64)
     total = _total_size(paths)
 
     if total <= self._in_memory_max_bytes:
       data = _read_all(paths)
-      logging.info("Read %s[%s] into memory: %d files, %.1f MB", self.root, split, len(paths),
-                   total / 2**20)
+      logging.info(
+        'Read %s[%s] into memory: %d files, %.1f MB', self.root, split, len(paths), total / 2**20
+      )
       decoded = self._decode_all(data)
       if decoded is not None:
-        return sources.in_memory_split(decoded, labels)
+        return base.in_memory_split(decoded, labels)
 
       def check(i):
         error = _decode_error(data[i])
-        return f"{paths[i]} ({error})" if error else None
-      return sources.in_memory_split(np.asarray(data, dtype=object), labels, check)
+        return f'{paths[i]} ({error})' if error else None
+
+      return base.in_memory_split(np.asarray(data, dtype=object), labels, check)
 
     paths_t = tf.constant(paths)
     labels_t = tf.constant(labels)
 
     def load(i):
-      return {"image": tf.io.read_file(tf.gather(paths_t, i)), "label": tf.gather(labels_t, i)}
+      return {'image': tf.io.read_file(tf.gather(paths_t, i)), 'label': tf.gather(labels_t, i)}
 
     def check(i):
       error = _decode_error(_read_all([paths[i]])[0])
-      return f"{paths[i]} ({error})" if error else None
-    return sources.RandomAccessSplit(len(paths), load, check)
+      return f'{paths[i]} ({error})' if error else None
+
+    return base.RandomAccessSplit(len(paths), load, check)

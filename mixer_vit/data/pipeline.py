@@ -16,45 +16,38 @@ whose ``mask`` is False, and all processes yield the same number of batches.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 import math
-import os
-from typing import Any, Iterator
+from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from mixer_vit import parallel
+from mixer_vit.data import base
 from mixer_vit.data import preprocess
 from mixer_vit.data import sources
 from mixer_vit.data.folder import CorruptImageError
 
 RNG_SALT = 0xA06A1E
-_get = sources.get_config_value
 
 
-def _required(config, key):
-  value = _get(config, key)
-  if value is None or value == "":
-    raise ValueError(f"config.{key} is not set; the data pipeline needs it")
-  return value
+def get_info(config: Any) -> base.DatasetInfo:
+  """Class count, class names and the sizes of ``config.train_split`` and ``config.test_split``.
+
+  ``config``: the training config (ConfigDict or dict) or a ``DataConfig``, as for every
+  function here.
+  """
+  config = base.DataConfig.from_config(config)
+  return sources.open_source(config).info([config.train_split, config.test_split])
 
 
-def get_info(config: Any) -> sources.DatasetInfo:
-  """Class count, class names and the sizes of ``config.train_split`` and ``config.test_split``."""
-  source = sources.open_source(config)
-  return source.info([_get(config, "train_split", "train"), _get(config, "test_split", "test")])
-
-
-def _threads(config) -> int:
-  return int(_get(config, "data_threads", 0)) or max(1, os.cpu_count() or 1)
-
-
-def _options(config) -> tf.data.Options:
+def _options(config: base.DataConfig) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
-  options.threading.private_threadpool_size = _threads(config)
+  options.threading.private_threadpool_size = config.threads
   options.threading.max_intra_op_parallelism = 1
   return options
 
@@ -62,57 +55,83 @@ def _options(config) -> tf.data.Options:
 def _example_fn(pp: str, num_classes: int, seed: int, process_index: int, with_ids: bool):
   """Example from a split -> preprocessed ``{'image', 'labels'}`` with its per-example seed."""
   pp_fn = preprocess.get_preprocess_fn(pp, num_classes=num_classes)
-  if "value_range" not in [name for name, _, _ in preprocess.parse(pp)]:
-    raise ValueError(f"preprocessing {pp!r} has no value_range op; the models expect images in "
-                     "[-1, 1]: add value_range(-1, 1) after the image ops")
-  base = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, RNG_SALT], tf.int64), process_index)
+  if 'value_range' not in [name for name, _, _ in preprocess.parse(pp)]:
+    raise ValueError(
+      f'preprocessing {pp!r} has no value_range op; the models expect images in '
+      '[-1, 1]: add value_range(-1, 1) after the image ops'
+    )
+  process_key = tf.random.experimental.stateless_fold_in(
+    tf.constant([seed, RNG_SALT], tf.int64), process_index
+  )
 
   def fn(example):
-    rng = tf.random.experimental.stateless_fold_in(base, example["_position"])
-    out = pp_fn({"image": example["image"], "label": example["label"], "_rng": rng})
-    image, labels = out.get("image"), out.get("labels")
+    rng = tf.random.experimental.stateless_fold_in(process_key, example['_position'])
+    out = pp_fn({'image': example['image'], 'label': example['label'], '_rng': rng})
+    image, labels = out.get('image'), out.get('labels')
     if image is None or image.dtype != tf.float32 or image.shape.rank != 3:
-      raise ValueError(f"preprocessing {pp!r} must give a float32 (H, W, C) 'image', got "
-                       f"{image!r}; end the image ops with value_range(-1, 1)")
+      raise ValueError(
+        f"preprocessing {pp!r} must give a float32 (H, W, C) 'image', got "
+        f'{image!r}; end the image ops with value_range(-1, 1)'
+      )
     if labels is None or labels.shape.rank != 1:
       raise ValueError(f"preprocessing {pp!r} must give one-hot 'labels'; add 'onehot'")
-    result = {"image": image, "labels": labels}
+    result = {'image': image, 'labels': labels}
     if with_ids:
-      result["index"] = example["_index"]
+      result['index'] = example['_index']
     return result
+
   return fn
 
 
-def local_train_dataset(config: Any, process_index: int, process_count: int,
-                        local_batch_size: int, start_step: int = 0,
-                        with_ids: bool = False) -> tf.data.Dataset:
+def local_train_dataset(
+  config: Any,
+  process_index: int,
+  process_count: int,
+  local_batch_size: int,
+  start_step: int = 0,
+  with_ids: bool = False,
+) -> tf.data.Dataset:
   """This process's endless stream of training batches (numpy-side; no devices involved)."""
+  config = base.DataConfig.from_config(config)
   source = sources.open_source(config)
-  split = source.split(_get(config, "train_split", "train"))
-  seed = int(_get(config, "seed", 0))
+  split = source.split(config.train_split)
+  seed = config.seed
   ds = split.train_dataset(process_index, process_count, seed, start_step * local_batch_size)
-  ds = ds.map(_example_fn(_required(config, "pp_train"), source.num_classes, seed,
-                          process_index, with_ids),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(
+    _example_fn(config.require('pp_train'), source.num_classes, seed, process_index, with_ids),
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  ds = ds.prefetch(int(_get(config, "prefetch", 2)) or tf.data.AUTOTUNE)
+  ds = ds.prefetch(config.prefetch or tf.data.AUTOTUNE)
   return ds.with_options(_options(config))
 
 
-def local_eval_dataset(config: Any, process_index: int, process_count: int, local_batch_size: int,
-                       split: str | None = None, with_ids: bool = False) -> tf.data.Dataset:
+def local_eval_dataset(
+  config: Any,
+  process_index: int,
+  process_count: int,
+  local_batch_size: int,
+  split: str | None = None,
+  with_ids: bool = False,
+) -> tf.data.Dataset:
   """This process's part of the evaluation split, batched, last batch partial (not padded)."""
+  config = base.DataConfig.from_config(config)
   source = sources.open_source(config)
-  split_name = split or _get(config, "test_split", "test")
-  pp = _required(config, "pp_test")
+  split_name = split or config.test_split
+  pp = config.require('pp_test')
   if not preprocess.is_deterministic(pp):
-    raise ValueError(f"pp_test {pp!r} has random ops; evaluation must be deterministic (use "
-                     "e.g. resize/central_crop instead of inception_crop/flip_lr)")
+    raise ValueError(
+      f'pp_test {pp!r} has random ops; evaluation must be deterministic (use '
+      'e.g. resize/central_crop instead of inception_crop/flip_lr)'
+    )
   ds = source.split(split_name).eval_dataset(process_index, process_count)
-  ds = ds.map(_example_fn(pp, source.num_classes, 0, process_index, with_ids),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size).prefetch(int(_get(config, "prefetch", 2)) or tf.data.AUTOTUNE)
+  ds = ds.map(
+    _example_fn(pp, source.num_classes, 0, process_index, with_ids),
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
+  ds = ds.batch(local_batch_size).prefetch(config.prefetch or tf.data.AUTOTUNE)
   return ds.with_options(_options(config))
 
 
@@ -132,24 +151,28 @@ def _corrupt_error(split, indices, error) -> Exception:
   if not bad:
     return error
   return CorruptImageError(
-      f"cannot decode image file(s): {'; '.join(bad)}. Fix or remove them, or set "
-      "config.skip_corrupt=True to leave corrupt files out (they are then counted in the log).")
+    f'cannot decode image file(s): {"; ".join(bad)}. Fix or remove them, or set '
+    'config.skip_corrupt=True to leave corrupt files out (they are then counted in the log).'
+  )
 
 
 class TrainIterator:
   """Endless iterator of global training batches ``{'image', 'labels'}`` from ``start_step``."""
 
   def __init__(self, config: Any, mesh: jax.sharding.Mesh, start_step: int = 0):
+    config = base.DataConfig.from_config(config)
+    self.config = config
     self.process_index, self.process_count = parallel.process_shard(mesh)
-    self.local_batch_size = parallel.process_batch_size(int(_required(config, "batch_size")),
-                                                        mesh)
-    self.seed = int(_get(config, "seed", 0))
+    self.local_batch_size = parallel.process_batch_size(config.require('batch_size'), mesh)
+    self.seed = config.seed
     self.step = int(start_step)  # The step of the next batch.
-    self._split = sources.open_source(config).split(_get(config, "train_split", "train"))
-    ds = local_train_dataset(config, self.process_index, self.process_count,
-                             self.local_batch_size, start_step=self.step)
-    self._batches = _device_prefetch(self._numpy_batches(ds.as_numpy_iterator()), mesh,
-                                     int(_get(config, "device_prefetch", 2)))
+    self._split = sources.open_source(config).split(config.train_split)
+    ds = local_train_dataset(
+      config, self.process_index, self.process_count, self.local_batch_size, start_step=self.step
+    )
+    self._batches = _device_prefetch(
+      self._numpy_batches(ds.as_numpy_iterator()), mesh, config.device_prefetch
+    )
 
   def _numpy_batches(self, it):
     step = self.step
@@ -158,8 +181,9 @@ class TrainIterator:
         batch = next(it)
       except tf.errors.OpError as e:
         b = self.local_batch_size
-        indices = self._split.train_indices(self.process_index, self.process_count, self.seed,
-                                            np.arange(step * b, (step + 1) * b))
+        indices = self._split.train_indices(
+          self.process_index, self.process_count, self.seed, np.arange(step * b, (step + 1) * b)
+        )
         raise _corrupt_error(self._split, indices, e) from e
       step += 1
       yield batch
@@ -187,20 +211,27 @@ class EvalIterable:
     last_count: examples with mask True that this process yielded in its last complete pass.
   """
 
-  def __init__(self, config: Any, mesh: jax.sharding.Mesh, split: str | None = None,
-               process: tuple[int, int] | None = None):
+  def __init__(
+    self,
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    split: str | None = None,
+    process: tuple[int, int] | None = None,
+  ):
     """``process=(index, count)`` simulates one process of several (tests; ``local_batches``)."""
-    self._config = config
+    config = base.DataConfig.from_config(config)
+    self.config = config
     self._mesh = mesh
-    self.split_name = split or _get(config, "test_split", "test")
-    batch_size = int(_get(config, "eval_batch_size", 0) or _required(config, "batch_size"))
+    self.split_name = split or config.test_split
+    batch_size = config.global_eval_batch_size
     self.local_batch_size = parallel.process_batch_size(batch_size, mesh)
     self.process_index, self.process_count = parallel.process_shard(mesh)
     if process is not None:
       self.process_index, self.process_count = process
       if batch_size % self.process_count:
-        raise ValueError(f"eval batch size {batch_size} is not divisible by {self.process_count} "
-                         "processes")
+        raise ValueError(
+          f'eval batch size {batch_size} is not divisible by {self.process_count} processes'
+        )
       self.local_batch_size = batch_size // self.process_count
     self._split = sources.open_source(config).split(self.split_name)
     self.num_examples = self._split.num_examples
@@ -208,7 +239,6 @@ class EvalIterable:
     self.num_batches = math.ceil(largest / self.local_batch_size)
     self.last_count = None
     self._dataset = None
-    self._device_prefetch = int(_get(config, "device_prefetch", 2))
 
   def __len__(self) -> int:
     return self.num_batches
@@ -216,8 +246,13 @@ class EvalIterable:
   def local_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's padded numpy batches (what ``__iter__`` shards over the mesh)."""
     if self._dataset is None:  # Built once; each pass iterates it anew.
-      self._dataset = local_eval_dataset(self._config, self.process_index, self.process_count,
-                                         self.local_batch_size, split=self.split_name)
+      self._dataset = local_eval_dataset(
+        self.config,
+        self.process_index,
+        self.process_count,
+        self.local_batch_size,
+        split=self.split_name,
+      )
     ds = self._dataset
     spec = ds.element_spec
     b = self.local_batch_size
@@ -227,40 +262,49 @@ class EvalIterable:
       try:
         batch = next(it, None)
       except tf.errors.OpError as e:
-        indices = self._split.eval_indices(self.process_index, self.process_count,
-                                           np.arange(i * b, (i + 1) * b))
+        indices = self._split.eval_indices(
+          self.process_index, self.process_count, np.arange(i * b, (i + 1) * b)
+        )
         indices = indices[indices < self.num_examples] if indices is not None else None
         raise _corrupt_error(self._split, indices, e) from e
       if batch is None:
         if template is None:
-          template = {k: np.zeros((b,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype)
-                      for k, s in spec.items()}
-        yield {**template, "mask": np.zeros((b,), bool)}
+          template = {
+            k: np.zeros((b,) + tuple(s.shape[1:]), s.dtype.as_numpy_dtype) for k, s in spec.items()
+          }
+        yield {**template, 'mask': np.zeros((b,), bool)}
         continue
-      n = len(batch["labels"])
+      n = len(batch['labels'])
       count += n
       if n < b:
-        batch = {k: np.concatenate([v, np.zeros((b - n,) + v.shape[1:], v.dtype)])
-                 for k, v in batch.items()}
+        batch = {
+          k: np.concatenate([v, np.zeros((b - n,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()
+        }
       template = {k: np.zeros_like(v) for k, v in batch.items()}
-      yield {**batch, "mask": np.arange(b) < n}
+      yield {**batch, 'mask': np.arange(b) < n}
     if next(it, None) is not None:
-      raise AssertionError("evaluation pass longer than computed; please report this bug")
+      raise AssertionError('evaluation pass longer than computed; please report this bug')
     self.last_count = count
-    logging.info("Evaluated %d examples of %s in process %d of %d", count, self.split_name,
-                 self.process_index, self.process_count)
+    logging.info(
+      'Evaluated %d examples of %s in process %d of %d',
+      count,
+      self.split_name,
+      self.process_index,
+      self.process_count,
+    )
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
-    return _device_prefetch(self.local_batches(), self._mesh, self._device_prefetch)
+    return _device_prefetch(self.local_batches(), self._mesh, self.config.device_prefetch)
 
 
-def make_train_iterator(config: Any, mesh: jax.sharding.Mesh, start_step: int = 0
-                        ) -> TrainIterator:
+def make_train_iterator(config: Any, mesh: jax.sharding.Mesh, start_step: int = 0) -> TrainIterator:
   """Endless global training batches; batch ``s`` depends only on (seed, s, process count)."""
   return TrainIterator(config, mesh, start_step)
 
 
-def make_eval_iterator(config: Any, mesh: jax.sharding.Mesh, split: str | None = None
-                       ) -> EvalIterable:
+def make_eval_iterator(
+  config: Any, mesh: jax.sharding.Mesh, split: str | None = None
+) -> EvalIterable:
   """One exact pass over the evaluation split per iteration (padded, with ``mask``)."""
   return EvalIterable(config, mesh, split)

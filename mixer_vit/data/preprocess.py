@@ -11,6 +11,20 @@ Random ops (``inception_crop``, ``flip_lr``) are stateless: they draw from the p
 the example's position in the stream. The same seed and position always give the same output,
 which is what makes resuming a run exact.
 
+Writing an op: most ops change one image, and are written as a factory that takes the op's
+arguments and returns a function ``image -> image`` (random ops: ``(image, seed) -> image``);
+``@image_op(name)`` registers it and does the rest (the ``key`` argument, the check that the
+image is decoded, the seed)::
+
+  @image_op('flip_ud', random=True)
+  def flip_ud():
+    return lambda image, seed: tf.image.stateless_random_flip_up_down(image, seed)
+
+(the factory's docstring, first line, is the op's description in ``list_ops()``).
+
+Ops on other entries (``onehot``, ``keep``) are factories of ``example -> example`` functions,
+registered with ``@register(name)``.
+
 ``resize`` and ``resize_small`` keep the input's dtype (uint8 results are rounded), like
 big_vision's ops. ``inception_crop(size)`` returns float32 values in [0, 255], not rounded back
 (half again faster on the training path, where the crop is random anyway); ``value_range`` then
@@ -20,15 +34,20 @@ maps either to [-1, 1].
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable, Mapping
 import dataclasses
-from typing import Any, Callable, Mapping
+import functools
+import inspect
+from typing import Any
 
 import tensorflow as tf
+
+from mixer_vit import sizes
 
 Example = dict[str, Any]
 OpFn = Callable[[Example], Example]
 
-RNG_KEY = "_rng"
+RNG_KEY = '_rng'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +62,65 @@ _REGISTRY: dict[str, _OpSpec] = {}
 
 def register(name: str, random: bool = False):
   """Registers an op factory under ``name`` (``random=True``: it consumes ``example['_rng']``)."""
+
   def wrap(factory):
-    _REGISTRY[name] = _OpSpec(factory, random, (factory.__doc__ or "").strip().split("\n")[0])
+    _REGISTRY[name] = _OpSpec(factory, random, (factory.__doc__ or '').strip().split('\n')[0])
     return factory
+
+  return wrap
+
+
+def image_op(name: str, random: bool = False, decoded: bool = True):
+  """Registers an op written on one image: ``factory(*args) -> fn``, ``fn(image) -> image``.
+
+  The registered factory takes the factory's arguments plus a last one, ``key='image'`` (the
+  example entry the op reads and replaces), and returns the op ``example -> example``, which:
+  - with ``decoded=True``, refuses encoded image bytes (asking for ``decode`` first);
+  - with ``random=True``, splits the example's seed ``example['_rng']`` in two, keeps the first
+    half as the example's new seed and calls ``fn(image, seed)`` with the second. Each random op
+    of a pp string thus gets its own seed, in the order of the ops.
+  """
+
+  def wrap(factory: Callable[..., Callable[..., tf.Tensor]]) -> Callable[..., OpFn]:
+    signature = inspect.signature(factory)
+    key_param = inspect.Parameter(
+      'key', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='image', annotation='str'
+    )
+    signature = signature.replace(
+      parameters=[*signature.parameters.values(), key_param], return_annotation='OpFn'
+    )
+
+    @functools.wraps(factory)
+    def make(*args, **kwargs) -> OpFn:
+      arguments = signature.bind(*args, **kwargs)  # TypeError for bad arguments.
+      key = arguments.arguments.pop('key', 'image')
+      fn = factory(*arguments.args, **arguments.kwargs)
+
+      def op(data: Example) -> Example:
+        image = data[key]
+        if decoded and image.dtype == tf.string:
+          raise ValueError(
+            f"op {name!r} got encoded image bytes in {key!r}; put 'decode' first in the "
+            'preprocessing string'
+          )
+        data[key] = fn(image, _next_seed(data, name)) if random else fn(image)
+        return data
+
+      return op
+
+    make.__signature__ = signature
+    register(name, random)(make)
+    return make
+
   return wrap
 
 
 def list_ops() -> dict[str, str]:
   """Op name -> one-line description (random ops are marked)."""
-  return {name: ("[random] " if spec.random else "") + spec.doc
-          for name, spec in sorted(_REGISTRY.items())}
+  return {
+    name: ('[random] ' if spec.random else '') + spec.doc
+    for name, spec in sorted(_REGISTRY.items())
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,10 +132,10 @@ def parse(pp: str) -> list[tuple[str, tuple, dict]]:
   if not isinstance(pp, str) or not pp.strip():
     raise ValueError(f"empty preprocessing string {pp!r}; e.g. 'decode|value_range(-1,1)|onehot'")
   ops = []
-  for part in pp.split("|"):
+  for part in pp.split('|'):
     part = part.strip()
     try:
-      call = ast.parse(part, mode="eval").body
+      call = ast.parse(part, mode='eval').body
       if isinstance(call, ast.Name):
         name, args, kwargs = call.id, (), {}
       elif isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
@@ -75,13 +143,16 @@ def parse(pp: str) -> list[tuple[str, tuple, dict]]:
         args = tuple(ast.literal_eval(a) for a in call.args)
         kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
       else:
-        raise ValueError("not an op call")
+        raise ValueError('not an op call')
     except (SyntaxError, ValueError) as e:
-      raise ValueError(f"cannot parse preprocessing op {part!r} in {pp!r} ({e}); ops look like "
-                       "'name' or 'name(literal args)', separated by '|'") from None
+      raise ValueError(
+        f'cannot parse preprocessing op {part!r} in {pp!r} ({e}); ops look like '
+        "'name' or 'name(literal args)', separated by '|'"
+      ) from None
     if name not in _REGISTRY:
-      raise ValueError(f"unknown preprocessing op {name!r} in {pp!r}; known ops: "
-                       f"{', '.join(sorted(_REGISTRY))}")
+      raise ValueError(
+        f'unknown preprocessing op {name!r} in {pp!r}; known ops: {", ".join(sorted(_REGISTRY))}'
+      )
     ops.append((name, args, kwargs))
   return ops
 
@@ -105,18 +176,18 @@ def get_preprocess_fn(pp: str, num_classes: int | None = None) -> Callable[[Mapp
   """
   fns = []
   for name, args, kwargs in parse(pp):
-    if name == "onehot" and num_classes is not None:
-      kwargs = {"default_num_classes": num_classes, **kwargs}
+    if name == 'onehot' and num_classes is not None:
+      kwargs = {'default_num_classes': num_classes, **kwargs}
     try:
       fns.append(_REGISTRY[name].factory(*args, **kwargs))
     except TypeError as e:
-      raise ValueError(f"bad arguments for preprocessing op {name!r} in {pp!r}: {e}") from None
+      raise ValueError(f'bad arguments for preprocessing op {name!r} in {pp!r}: {e}') from None
 
   def preprocess(example: Mapping) -> Example:
     data = {k: v if tf.is_tensor(v) else tf.convert_to_tensor(v) for k, v in example.items()}
     for fn in fns:
       data = fn(data)
-    return {k: v for k, v in data.items() if not k.startswith("_")}
+    return {k: v for k, v in data.items() if not k.startswith('_')}
 
   return preprocess
 
@@ -128,35 +199,21 @@ def get_preprocess_fn(pp: str, num_classes: int | None = None) -> Callable[[Mapp
 def _next_seed(data: Example, op: str) -> tf.Tensor:
   """Takes a fresh seed for one random op and advances the example's seed."""
   if RNG_KEY not in data:
-    raise ValueError(f"random op {op!r} needs a per-example seed in example['{RNG_KEY}'] (shape "
-                     "[2] int64); the input pipeline adds it. For single images use deterministic "
-                     "ops (e.g. resize/central_crop) or add the seed yourself.")
+    raise ValueError(
+      f"random op {op!r} needs a per-example seed in example['{RNG_KEY}'] (shape "
+      '[2] int64); the input pipeline adds it. For single images use deterministic '
+      'ops (e.g. resize/central_crop) or add the seed yourself.'
+    )
   seeds = tf.random.experimental.stateless_split(tf.cast(data[RNG_KEY], tf.int64), 2)
   data[RNG_KEY] = seeds[0]
   return seeds[1]
-
-
-def _size(size) -> tuple[int, int]:
-  if isinstance(size, int):
-    return size, size
-  if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-    return int(size[0]), int(size[1])
-  raise ValueError(f"size must be an int or (height, width), got {size!r}")
-
-
-def _image(data: Example, key: str, op: str) -> tf.Tensor:
-  image = data[key]
-  if image.dtype == tf.string:
-    raise ValueError(f"op {op!r} got encoded image bytes in {key!r}; put 'decode' first in the "
-                     "preprocessing string")
-  return image
 
 
 def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   """Grey -> RGB by repetition, RGBA / grey+alpha -> drop alpha; static-shape friendly."""
   have = image.shape[-1]
   if have is None:
-    raise ValueError("image has an unknown number of channels")
+    raise ValueError('image has an unknown number of channels')
   if have == channels:
     return image
   if channels == 3:
@@ -165,9 +222,21 @@ def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
     if have == 4:
       return image[..., :3]
   if channels == 1 and have in (3, 4):
-    return tf.cast(tf.round(tf.image.rgb_to_grayscale(tf.cast(image[..., :3], tf.float32))),
-                   image.dtype)
-  raise ValueError(f"cannot convert an image with {have} channels to {channels}")
+    return tf.cast(
+      tf.round(tf.image.rgb_to_grayscale(tf.cast(image[..., :3], tf.float32))), image.dtype
+    )
+  raise ValueError(f'cannot convert an image with {have} channels to {channels}')
+
+
+def _decode(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """Encoded bytes -> uint8 HWC; a decoded (H, W) or HWC array -> ``channels`` channels."""
+  if image.dtype == tf.string:
+    image = tf.io.decode_image(image, channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels])
+    return image
+  if image.shape.rank == 2:
+    image = image[..., None]
+  return _to_channels(image, channels)
 
 
 def _restore_dtype(resized: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -181,106 +250,94 @@ def _restore_dtype(resized: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 # Ops.
 
 
-@register("decode")
-def decode(channels: int = 3, key: str = "image") -> OpFn:
+@image_op('decode', decoded=False)
+def decode(channels: int = 3):
   """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 HWC with `channels` (grey/RGBA converted)."""
-  def fn(data):
-    image = data[key]
-    if image.dtype == tf.string:
-      image = tf.io.decode_image(image, channels=channels, expand_animations=False)
-      image.set_shape([None, None, channels])
-    else:
-      if image.shape.rank == 2:
-        image = image[..., None]
-      image = _to_channels(image, channels)
-    data[key] = image
-    return data
-  return fn
+  return lambda image: _decode(image, channels)
 
 
-@register("grey_to_rgb")
-def grey_to_rgb(key: str = "image") -> OpFn:
+@image_op('grey_to_rgb')
+def grey_to_rgb():
   """Ensures 3 channels: grey is repeated, an alpha channel is dropped."""
-  def fn(data):
-    image = _image(data, key, "grey_to_rgb")
+
+  def fn(image):
     if image.shape.rank == 2:
       image = image[..., None]
-    data[key] = _to_channels(image, 3)
-    return data
+    return _to_channels(image, 3)
+
   return fn
 
 
-register("rgb")(grey_to_rgb)
+register('rgb')(grey_to_rgb)
 
 
-@register("resize")
-def resize(size, method: str = "bilinear", antialias: bool = False, key: str = "image") -> OpFn:
+@image_op('resize')
+def resize(size, method: str = 'bilinear', antialias: bool = False):
   """Resizes to `size` (int or (h, w)) ignoring aspect ratio; uint8 stays uint8 (rounded)."""
-  hw = _size(size)
+  hw = sizes.pair(size, 'the size of resize')
 
-  def fn(data):
-    image = _image(data, key, "resize")
-    data[key] = _restore_dtype(tf.image.resize(image, hw, method=method, antialias=antialias),
-                               image)
-    return data
+  def fn(image):
+    return _restore_dtype(tf.image.resize(image, hw, method=method, antialias=antialias), image)
+
   return fn
 
 
-@register("resize_small")
-def resize_small(size: int, method: str = "bilinear", antialias: bool = False,
-                 key: str = "image") -> OpFn:
+@image_op('resize_small')
+def resize_small(size: int, method: str = 'bilinear', antialias: bool = False):
   """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
-  def fn(data):
-    image = _image(data, key, "resize_small")
+
+  def fn(image):
     h = tf.cast(tf.shape(image)[0], tf.float32)
     w = tf.cast(tf.shape(image)[1], tf.float32)
     scale = tf.cast(size, tf.float32) / tf.minimum(h, w)
     new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
-    data[key] = _restore_dtype(
-        tf.image.resize(image, tf.stack([new_h, new_w]), method=method, antialias=antialias),
-        image)
-    return data
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]), method=method, antialias=antialias)
+    return _restore_dtype(resized, image)
+
   return fn
 
 
-@register("central_crop")
-def central_crop(size, key: str = "image") -> OpFn:
+@image_op('central_crop')
+def central_crop(size):
   """Crops the central `size` (int or (h, w)) window; the image must be at least that big."""
-  ch, cw = _size(size)
+  ch, cw = sizes.pair(size, 'the size of central_crop')
 
-  def fn(data):
-    image = _image(data, key, "central_crop")
+  def fn(image):
     shape = tf.shape(image)
     tf.debugging.assert_greater_equal(
-        shape[:2], tf.constant([ch, cw]),
-        message=f"central_crop({ch}, {cw}) needs an image at least that big; resize first")
+      shape[:2],
+      tf.constant([ch, cw]),
+      message=f'central_crop({ch}, {cw}) needs an image at least that big; resize first',
+    )
     top = (shape[0] - ch) // 2
     left = (shape[1] - cw) // 2
-    image = image[top:top + ch, left:left + cw]
+    image = image[top : top + ch, left : left + cw]
     image.set_shape([ch, cw, image.shape[-1]])
-    data[key] = image
-    return data
+    return image
+
   return fn
 
 
 def _inception_window(shape, seed, area_min, area_max, aspect_min, aspect_max):
   """(begin, size) of a random crop covering area_min..area_max percent of ``shape``."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape,
-      tf.zeros([0, 0, 4], tf.float32),
-      seed=seed,
-      area_range=(area_min / 100, area_max / 100),
-      aspect_ratio_range=(aspect_min, aspect_max),
-      min_object_covered=0,
-      use_image_if_no_bounding_boxes=True)
+    shape,
+    tf.zeros([0, 0, 4], tf.float32),
+    seed=seed,
+    area_range=(area_min / 100, area_max / 100),
+    aspect_ratio_range=(aspect_min, aspect_max),
+    min_object_covered=0,
+    use_image_if_no_bounding_boxes=True,
+  )
   return begin, size
 
 
 def _check_area(area_min, area_max):
   if not 0 < area_min <= area_max <= 100:
-    raise ValueError(f"inception_crop needs 0 < area_min <= area_max <= 100 (percent), got "
-                     f"{area_min}, {area_max}")
+    raise ValueError(
+      f'inception_crop needs 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}'
+    )
 
 
 def _resize_crop(crop, hw, method):
@@ -291,45 +348,55 @@ def _resize_crop(crop, hw, method):
   return crop
 
 
-@register("inception_crop", random=True)
-def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
-                   aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
-                   method: str = "bilinear", key: str = "image") -> OpFn:
+@image_op('inception_crop', random=True)
+def inception_crop(
+  size=None,
+  area_min: float = 5,
+  area_max: float = 100,
+  aspect_min: float = 3 / 4,
+  aspect_max: float = 4 / 3,
+  method: str = 'bilinear',
+):
   """Random crop of 5%-100% of the area (aspect 3/4-4/3), resized (float32) to `size` if given."""
-  hw = None if size is None else _size(size)
+  hw = None if size is None else sizes.pair(size, 'the size of inception_crop')
   _check_area(area_min, area_max)
 
-  def fn(data):
-    image = _image(data, key, "inception_crop")
-    seed = _next_seed(data, "inception_crop")
-    begin, crop_size = _inception_window(tf.shape(image), seed, area_min, area_max, aspect_min,
-                                         aspect_max)
-    data[key] = _resize_crop(tf.slice(image, begin, crop_size), hw, method)
-    return data
+  def fn(image, seed):
+    begin, crop_size = _inception_window(
+      tf.shape(image), seed, area_min, area_max, aspect_min, aspect_max
+    )
+    return _resize_crop(tf.slice(image, begin, crop_size), hw, method)
+
   return fn
 
 
-@register("decode_jpeg_and_inception_crop", random=True)
-def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
-                                   aspect_min: float = 3 / 4, aspect_max: float = 4 / 3,
-                                   method: str = "bilinear", key: str = "image") -> OpFn:
+@image_op('decode_jpeg_and_inception_crop', random=True, decoded=False)
+def decode_jpeg_and_inception_crop(
+  size=None,
+  area_min: float = 5,
+  area_max: float = 100,
+  aspect_min: float = 3 / 4,
+  aspect_max: float = 4 / 3,
+  method: str = 'bilinear',
+):
   """Same as decode|inception_crop(...) but faster on JPEGs: only the window is decoded."""
-  hw = None if size is None else _size(size)
+  hw = None if size is None else sizes.pair(size, 'the size of decode_jpeg_and_inception_crop')
   _check_area(area_min, area_max)
-  window = lambda shape, seed: _inception_window(shape, seed, area_min, area_max, aspect_min,
-                                                 aspect_max)
+  window = lambda shape, seed: _inception_window(
+    shape, seed, area_min, area_max, aspect_min, aspect_max
+  )
 
-  def fn(data):
-    encoded = data[key]
-    if encoded.dtype != tf.string:  # Already decoded (in-memory data sets).
-      return inception_crop(size, area_min, area_max, aspect_min, aspect_max, method,
-                            key)(decode(3, key)(data))
-    seed = _next_seed(data, "decode_jpeg_and_inception_crop")
+  def fn(encoded, seed):
+    if encoded.dtype != tf.string:  # Already decoded (in-memory data sets): decode|inception_crop.
+      image = _decode(encoded, 3)
+      begin, crop_size = window(tf.shape(image), seed)
+      return _resize_crop(tf.slice(image, begin, crop_size), hw, method)
 
     def jpeg():
       begin, crop_size = window(tf.io.extract_jpeg_shape(encoded), seed)
       return tf.io.decode_and_crop_jpeg(
-          encoded, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=3)
+        encoded, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]), channels=3
+      )
 
     def other():
       image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -338,64 +405,60 @@ def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: flo
 
     crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     crop.set_shape([None, None, 3])
-    data[key] = _resize_crop(crop, hw, method)
-    return data
+    return _resize_crop(crop, hw, method)
+
   return fn
 
 
-@register("random_crop", random=True)
-def random_crop(size, key: str = "image") -> OpFn:
+@image_op('random_crop', random=True)
+def random_crop(size):
   """Random `size` window (no resizing); the image must be at least that big."""
-  ch, cw = _size(size)
+  ch, cw = sizes.pair(size, 'the size of random_crop')
 
-  def fn(data):
-    image = _image(data, key, "random_crop")
-    seed = _next_seed(data, "random_crop")
+  def fn(image, seed):
     channels = image.shape[-1]
     image = tf.image.stateless_random_crop(image, [ch, cw, tf.shape(image)[-1]], seed=seed)
     image.set_shape([ch, cw, channels])
-    data[key] = image
-    return data
+    return image
+
   return fn
 
 
-@register("flip_lr", random=True)
-def flip_lr(key: str = "image") -> OpFn:
+@image_op('flip_lr', random=True)
+def flip_lr():
   """Mirrors the image left-right with probability 1/2."""
-  def fn(data):
-    image = _image(data, key, "flip_lr")
-    data[key] = tf.image.stateless_random_flip_left_right(image, _next_seed(data, "flip_lr"))
-    return data
-  return fn
+  return lambda image, seed: tf.image.stateless_random_flip_left_right(image, seed)
 
 
-@register("value_range")
-def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255,
-                key: str = "image") -> OpFn:
+@image_op('value_range')
+def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255):
   """Maps [in_min, in_max] linearly to [vmin, vmax] as float32: default (x - 127.5) / 127.5."""
   if vmax <= vmin or in_max <= in_min:
-    raise ValueError(f"value_range needs vmin < vmax and in_min < in_max, got {vmin}, {vmax}, "
-                     f"{in_min}, {in_max}")
+    raise ValueError(
+      f'value_range needs vmin < vmax and in_min < in_max, got {vmin}, {vmax}, {in_min}, {in_max}'
+    )
   scale = (in_max - in_min) / (vmax - vmin)
   center = in_min - vmin * scale
-
-  def fn(data):
-    image = tf.cast(_image(data, key, "value_range"), tf.float32)
-    data[key] = (image - center) / scale
-    return data
-  return fn
+  return lambda image: (tf.cast(image, tf.float32) - center) / scale
 
 
-@register("onehot")
-def onehot(num_classes: int | None = None, smoothing: float = 0.0, key: str = "label",
-           key_result: str = "labels", default_num_classes: int | None = None) -> OpFn:
+@register('onehot')
+def onehot(
+  num_classes: int | None = None,
+  smoothing: float = 0.0,
+  key: str = 'label',
+  key_result: str = 'labels',
+  default_num_classes: int | None = None,
+) -> OpFn:
   """Integer label -> float32 one-hot `labels`, optionally label-smoothed."""
   n = num_classes or default_num_classes
   if not n:
-    raise ValueError("onehot needs the number of classes: write onehot(N) or let the pipeline "
-                     "pass the data set's class count")
+    raise ValueError(
+      'onehot needs the number of classes: write onehot(N) or let the pipeline '
+      "pass the data set's class count"
+    )
   if not 0 <= smoothing < 1:
-    raise ValueError(f"onehot smoothing must be in [0, 1), got {smoothing}")
+    raise ValueError(f'onehot smoothing must be in [0, 1), got {smoothing}')
 
   def fn(data):
     labels = tf.one_hot(tf.cast(data[key], tf.int32), n, dtype=tf.float32)
@@ -403,12 +466,15 @@ def onehot(num_classes: int | None = None, smoothing: float = 0.0, key: str = "l
       labels = labels * (1 - smoothing) + smoothing / n
     data[key_result] = labels
     return data
+
   return fn
 
 
-@register("keep")
+@register('keep')
 def keep(*keys: str) -> OpFn:
   """Keeps only the given keys (and the private seed)."""
+
   def fn(data):
-    return {k: v for k, v in data.items() if k in keys or k.startswith("_")}
+    return {k: v for k, v in data.items() if k in keys or k.startswith('_')}
+
   return fn

@@ -17,21 +17,29 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mixer_vit.data import sources
+from mixer_vit.data import base
 
-DEFAULT_BLOCK = 10_000
+DEFAULT_BLOCK = base.DEFAULT_SHUFFLE_BUFFER
 _READ_BUFFER = 8 * 2**20
 
 
-class StreamSplit(sources.Split):
+class StreamSplit(base.Split):
   """A tfds split read record by record from its TFRecord files."""
 
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_key: str,
-               label_key: str, block_size: int = DEFAULT_BLOCK):
+  def __init__(
+    self,
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    image_key: str,
+    label_key: str,
+    block_size: int = DEFAULT_BLOCK,
+  ):
     info = builder.info
     if info.file_format != tfds.core.FileFormat.TFRECORD:
-      raise ValueError(f"streaming {info.name} needs TFRecord files, it has {info.file_format}; "
-                       "raise config.in_memory_max_mb to read it into memory instead")
+      raise ValueError(
+        f'streaming {info.name} needs TFRecord files, it has {info.file_format}; '
+        'raise config.in_memory_max_mb to read it into memory instead'
+      )
     self._info = info
     self._split = split
     self._image_key, self._label_key = image_key, label_key
@@ -60,38 +68,50 @@ class StreamSplit(sources.Split):
   @staticmethod
   def _read(files, skips, takes, first) -> tf.data.Dataset:
     """Records of the given file slices in order, with their split indices."""
+
     def one(f, s, t, i0):
       records = tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER).skip(s).take(t)
       return tf.data.Dataset.zip(records, tf.data.Dataset.range(i0, i0 + t))
+
     return tf.data.Dataset.from_tensor_slices((files, skips, takes, first)).flat_map(one)
 
   def _parse(self, record, index, position):
     example = self._info.features.deserialize_example(record, decoders=self._decoders)
-    return {"image": example[self._image_key], "label": example[self._label_key],
-            "_index": index, "_position": position}
+    return {
+      'image': example[self._image_key],
+      'label': example[self._label_key],
+      '_index': index,
+      '_position': position,
+    }
 
   def train_dataset(self, process_index, process_count, seed, start_position):
     files, skips, takes, first = self._instructions(process_index, process_count)
     n = int(takes.sum())
     if n == 0:
-      raise ValueError(f"the training split has {self.num_examples} examples, fewer than the "
-                       f"{process_count} processes; use a bigger split")
+      raise ValueError(
+        f'the training split has {self.num_examples} examples, fewer than the '
+        f'{process_count} processes; use a bigger split'
+      )
     block = min(self.block_size, n)
     files_t, skips_t, takes_t, first_t = (tf.constant(a) for a in (files, skips, takes, first))
 
     def epoch(e, start_block):
       """Records of epoch ``e`` from block ``start_block`` on, block-shuffled."""
-      key = sources.shuffle_key(seed, process_index, e)
+      key = base.shuffle_key(seed, process_index, e)
       order = tf.random.experimental.stateless_shuffle(tf.range(len(files), dtype=tf.int64), key)
       t = tf.gather(takes_t, order)
       ends = tf.cumsum(t)
       start = tf.cast(start_block, tf.int64) * block
-      f0 = tf.searchsorted(ends, [start], side="right")[0]
+      f0 = tf.searchsorted(ends, [start], side='right')[0]
       into = start - (ends[f0] - t[f0])
       order = order[f0:]
       adjust = tf.concat([[into], tf.zeros([tf.size(order) - 1], tf.int64)], 0)
-      records = self._read(tf.gather(files_t, order), tf.gather(skips_t, order) + adjust,
-                           tf.gather(takes_t, order) - adjust, tf.gather(first_t, order) + adjust)
+      records = self._read(
+        tf.gather(files_t, order),
+        tf.gather(skips_t, order) + adjust,
+        tf.gather(takes_t, order) - adjust,
+        tf.gather(first_t, order) + adjust,
+      )
       blocks = records.batch(block).enumerate(start=tf.cast(start_block, tf.int64))
 
       def shuffle_block(b, rec_idx):
@@ -99,6 +119,7 @@ class StreamSplit(sources.Split):
         block_key = tf.random.experimental.stateless_fold_in(key, b)
         perm = tf.random.experimental.stateless_shuffle(tf.range(tf.size(idx)), block_key)
         return tf.data.Dataset.from_tensor_slices((tf.gather(rec, perm), tf.gather(idx, perm)))
+
       return blocks.flat_map(shuffle_block)
 
     e0, within = divmod(int(start_position), n)
@@ -106,16 +127,27 @@ class StreamSplit(sources.Split):
     first_epoch = epoch(tf.constant(e0, tf.int64), b0).skip(r0)
     later = tf.data.Dataset.counter(start=e0 + 1, dtype=tf.int64).flat_map(lambda e: epoch(e, 0))
     stream = first_epoch.concatenate(later)
-    stream = tf.data.Dataset.zip(stream, tf.data.Dataset.counter(start=start_position,
-                                                                 dtype=tf.int64))
-    return stream.map(lambda ri, q: self._parse(ri[0], ri[1], q),
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    stream = tf.data.Dataset.zip(
+      stream, tf.data.Dataset.counter(start=start_position, dtype=tf.int64)
+    )
+    return stream.map(
+      lambda ri, q: self._parse(ri[0], ri[1], q),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
 
   def eval_dataset(self, process_index, process_count):
     files, skips, takes, first = self._instructions(process_index, process_count)
-    records = self._read(files, skips, takes, first) if len(files) else (
-        tf.data.Dataset.from_tensor_slices((tf.constant([], tf.string),
-                                            tf.constant([], tf.int64))))
+    records = (
+      self._read(files, skips, takes, first)
+      if len(files)
+      else (
+        tf.data.Dataset.from_tensor_slices((tf.constant([], tf.string), tf.constant([], tf.int64)))
+      )
+    )
     stream = tf.data.Dataset.zip(records, tf.data.Dataset.counter(dtype=tf.int64))
-    return stream.map(lambda ri, q: self._parse(ri[0], ri[1], q),
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return stream.map(
+      lambda ri, q: self._parse(ri[0], ri[1], q),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
