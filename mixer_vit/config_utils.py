@@ -36,8 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256  # Global.
   c.seed = 0
   c.shuffle_buffer = 10_000
-  c.prefetch = 2
+  c.prefetch = 2  # Batches tf.data prepares ahead.
   c.skip_corrupt = False
+  c.in_memory_max_mb = 1024  # Splits up to this size are read into memory; larger ones streamed.
+  c.data_threads = 0  # tf.data threads; 0: all cores.
+  c.device_prefetch = 2  # Batches placed on the devices ahead of use.
 
   # Model: a registry name plus overrides for models.get_model_config (num_classes comes from
   # the data set).
