@@ -6,12 +6,15 @@ import os
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from mixer_vit import checkpoint
+from mixer_vit import config_utils
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import models
+from mixer_vit import params_io
+from mixer_vit import train
 
 
 def _random_params(config, seed=0):
@@ -42,7 +45,7 @@ def npz_setup(tmp_path_factory):
   config = models.get_model_config("testing", num_classes=7, image_size=(48, 48))
   model, params = _random_params(config)
   path = str(root / "model.npz")
-  checkpoint.save_npz(params, path)
+  params_io.save_npz(params, path)
   images = root / "images"
   (images / "sub").mkdir(parents=True)
   rng = np.random.default_rng(1)
@@ -64,7 +67,6 @@ def test_resolution_and_class_count_come_from_the_checkpoint(npz_setup):
 
 
 def test_predictions_equal_the_model_on_resized_images(npz_setup):
-  import tensorflow as tf
   clf = infer.load_classifier(npz_setup["npz"], "testing")
   path = npz_setup["good"][4]  # A PNG (lossless), 33x33: resized up to 48x48.
   assert path.endswith(".png")
@@ -126,7 +128,7 @@ def test_non_square_checkpoint_with_resolution_flag(tmp_path):
   config = models.get_model_config("testing", num_classes=5, image_size=(16, 40))
   _, params = _random_params(config)
   path = str(tmp_path / "wide.npz")
-  checkpoint.save_npz(params, path)
+  params_io.save_npz(params, path)
   with pytest.raises(ValueError):  # 4x10 grid: not square, so the size must be given.
     infer.load_classifier(path, "testing")
   clf = infer.load_classifier(path, "testing", resolution=(16, 40))
@@ -146,8 +148,6 @@ def test_inference_pp_keeps_the_eval_ops_and_drops_labels():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A very short digits training run of the tiny model (its checkpoint and config)."""
-  from mixer_vit import config_utils
-  from mixer_vit import train
   root = tmp_path_factory.mktemp("wd")
   config = config_utils.base_config()
   config.dataset = "digits"
@@ -205,7 +205,7 @@ def test_npz_of_other_heads_and_mixer(tmp_path, name, overrides):
   config = models.get_model_config(name, num_classes=4, **overrides)
   _, params = _random_params(config)
   path = str(tmp_path / "m.npz")
-  checkpoint.save_npz(params, path)
+  params_io.save_npz(params, path)
   clf = infer.load_classifier(path, name)  # Head width and pre_logits read from the file.
   assert clf.num_classes == 4
   assert clf.model_config.get("representation_size") == overrides.get("representation_size")

@@ -6,6 +6,7 @@ import pathlib
 import sys
 import time
 
+from nbclient import NotebookClient
 import nbformat
 import pytest
 
@@ -43,7 +44,6 @@ def test_notebook_is_committed_without_stale_outputs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_top_to_bottom(path, kernel_dir, monkeypatch, tmp_path):
-  from nbclient import NotebookClient
   monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
   # The kernel's own inline backend draws figures into the outputs (Agg would draw nothing).
   monkeypatch.delenv("MPLBACKEND", raising=False)
