@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.in_memory_max_mb = 1024  # Splits up to this size are read into memory; larger ones streamed.
   c.data_threads = 0  # tf.data threads; 0: all cores.
   c.device_prefetch = 2  # Batches placed on the devices ahead of use.
+  # Encoded images with more decoded pixels (height x width) are refused before decoding, with an
+  # error naming the file (image folders); 0: no limit.
+  c.max_image_pixels = 8000 * 8000
 
   # Model: a registry name plus overrides for models.get_model_config (num_classes comes from
   # the data set).

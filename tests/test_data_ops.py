@@ -1,12 +1,16 @@
 """The preprocessing ops, one by one, on single images (eager) as inference uses them."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from mixer_vit.data import base
+from mixer_vit.data import images
 from mixer_vit.data import preprocess
 
 
@@ -244,3 +248,107 @@ def test_size_arguments_are_checked():
     preprocess.get_preprocess_fn('central_crop((1, 2, 3))')
   with pytest.raises(ValueError, match=r'size of resize .* got \'big\''):
     preprocess.get_preprocess_fn("resize('big')")
+
+
+# --------------------------------------------------------------------------------------------
+# The limit on decoded pixels.
+
+
+def _encoded(fmt: str, array: np.ndarray, **kw) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format=fmt, **kw)
+  return buf.getvalue()
+
+
+def _png_header(height: int, width: int) -> bytes:
+  """The first bytes of a PNG that claims ``height`` x ``width`` (its pixel data missing)."""
+  ihdr = b'IHDR' + struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + ihdr + struct.pack('>I', zlib.crc32(ihdr))
+
+
+@pytest.mark.parametrize(
+  'fmt,mode,kw',
+  [
+    ('JPEG', 'RGB', {}),
+    ('JPEG', 'L', {'progressive': True}),
+    ('PNG', 'RGBA', {}),
+    ('PNG', 'L', {}),
+    ('GIF', 'P', {}),
+    ('BMP', 'RGB', {}),
+    ('WEBP', 'RGB', {}),
+    ('WEBP', 'RGB', {'lossless': True}),
+    ('WEBP', 'RGBA', {'exif': b'Exif\0\0'}),  # The extended format (VP8X).
+  ],
+)
+def test_header_size_is_the_decoded_size_without_decoding(fmt, mode, kw):
+  for h, w in ((20, 30), (300, 7), (1, 1)):
+    image = Image.fromarray(_random_image(h, w)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    data = buf.getvalue()
+    assert tuple(images.header_size(data).numpy()) == (h, w), (fmt, kw, h, w)
+    assert tf.io.decode_image(data, expand_animations=False).shape[:2] == (h, w)
+  assert tuple(images.header_size(b'not an image').numpy()) == (0, 0)
+  assert tuple(images.header_size(b'').numpy()) == (0, 0)
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_decode_refuses_images_over_max_pixels(fmt):
+  data = _encoded(fmt, _random_image(20, 30))
+  plain = _run('decode', data)['image']
+  for pp in ('decode(max_pixels=600)', 'decode(max_pixels=0)', 'decode(3, 600)'):
+    np.testing.assert_array_equal(_run(pp, data)['image'], plain)
+  message = (
+    r'^image of 20 x 30 = 600 pixels \(height x width\) is over the limit of 599 decoded '
+    r'pixels \(a guard against decompression bombs\); raise the limit with '
+    r'--config.max_image_pixels=N in training, or the op argument decode\(max_pixels=N\) in a '
+    r'preprocessing string \(0: no limit\)$'
+  )
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    _run('decode(max_pixels=599)', data)
+  # The limit the pipeline passes applies to ops that do not set their own.
+  with pytest.raises(tf.errors.InvalidArgumentError, match='over the limit of 599'):
+    preprocess.get_preprocess_fn('decode', max_pixels=599)({'image': data})
+  fn = preprocess.get_preprocess_fn('decode(max_pixels=0)', max_pixels=599)
+  np.testing.assert_array_equal(fn({'image': data})['image'], plain)
+  # Inside tf.data (a graph) the error says the same.
+  ds = tf.data.Dataset.from_tensors({'image': data}).map(
+    preprocess.get_preprocess_fn('decode', max_pixels=599)
+  )
+  with pytest.raises(tf.errors.InvalidArgumentError, match='image of 20 x 30 = 600 pixels'):
+    list(ds)
+  ds = tf.data.Dataset.from_tensors({'image': data}).map(
+    preprocess.get_preprocess_fn('decode', max_pixels=600)
+  )
+  np.testing.assert_array_equal(next(iter(ds))['image'], plain)
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG'])
+def test_fused_crop_refuses_images_over_max_pixels_and_is_unchanged_under(fmt):
+  data = _encoded(fmt, _random_image(60, 80))
+  name = 'decode_jpeg_and_inception_crop'
+  for s in range(3):
+    want = _run(f'{name}(16)', data, rng=[3, s])['image']
+    got = _run(f'{name}(16, max_pixels=4800)', data, rng=[3, s])['image']
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(
+    tf.errors.InvalidArgumentError,
+    match=r'60 x 80 = 4800 pixels .* limit of 4799 .* decode_jpeg_and_inception_crop\(max_pixels',
+  ):
+    _run(f'{name}(16, max_pixels=4799)', data, rng=[3, 0])
+
+
+def test_default_limit_is_8000_by_8000_and_checked_before_decoding():
+  """Inference calls get_preprocess_fn(pp) without a limit: the ops' default applies."""
+  assert base.DEFAULT_MAX_IMAGE_PIXELS == 64_000_000
+  fn = preprocess.get_preprocess_fn('decode|resize(8)')
+  # Only the header is there: decoding would fail otherwise, so the size check came first.
+  with pytest.raises(tf.errors.InvalidArgumentError, match='8001 x 8000 = 64008000 pixels'):
+    fn({'image': _png_header(8001, 8000)})
+  with pytest.raises(tf.errors.InvalidArgumentError) as err:
+    fn({'image': _png_header(8000, 8000)})  # Within the limit: decoded, and found truncated.
+  assert 'over the limit' not in str(err.value)
+  with pytest.raises(ValueError, match=r'decode needs max_pixels = an integer >= 0'):
+    preprocess.get_preprocess_fn('decode(max_pixels=-1)')
+  # Arrays already decoded are not checked.
+  assert _run('decode(max_pixels=1)', _random_image(4, 4))['image'].shape == (4, 4, 3)

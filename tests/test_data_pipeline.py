@@ -186,6 +186,7 @@ def test_data_config_from_configdict_and_dict():
   assert data.DataConfig.from_config(built) is built
   assert (built.in_memory_max_mb, built.data_threads, built.device_prefetch) == (1024, 0, 2)
   assert (built.batch_size, built.eval_batch_size, built.data_dir) == (128, 256, None)
+  assert built.max_image_pixels == config.max_image_pixels == 8000 * 8000
   # Missing optional keys take the defaults.
   assert data.DataConfig.from_config({'dataset': 'digits'}) == data.DataConfig(dataset='digits')
   small = data.DataConfig.from_config({'dataset': 'digits', 'batch_size': 8, 'eval_batch_size': 0})
@@ -202,6 +203,7 @@ def test_data_config_from_configdict_and_dict():
     ('skip_corrupt', 'yes', 'config.skip_corrupt must be True or False'),
     ('in_memory_max_mb', -1, 'config.in_memory_max_mb must be a number >= 0'),
     ('data_threads', -2, 'config.data_threads must be an integer >= 0'),
+    ('max_image_pixels', -1, r'config.max_image_pixels must be an integer >= 0 \(decoded pixels'),
     ('pp_train', 3, 'config.pp_train must be a string'),
   ],
 )
@@ -228,8 +230,10 @@ def test_config_file_takes_the_optional_data_keys(monkeypatch):
     '--config.data_threads=1',
     '--config.device_prefetch=3',
     '--config.batch_size=64',
+    '--config.max_image_pixels=0',
   )
   assert (config.in_memory_max_mb, config.data_threads, config.device_prefetch) == (0, 1, 3)
+  assert data.DataConfig.from_config(config).max_image_pixels == 0
   # The pipeline reads them: digits over the memory limit is streamed from its files, tf.data
   # gets one thread, and the first batch comes after 1 + 3 batches were put on the devices.
   split = data.sources.open_source(data.DataConfig.from_config(config)).split('train')

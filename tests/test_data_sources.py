@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import struct
 import tarfile
 import time
@@ -98,8 +99,38 @@ def test_not_prepared_without_network_fails_fast_and_says_how(tmp_path, name):
   message = str(err.value)
   assert f'tfds build {name} --data_dir={tmp_path}' in message
   assert str(tmp_path) in message
+  assert not isinstance(err.value, data.UnknownDatasetError) and 'unknown' not in message
   if name == 'mnist':
     assert 'python -m mixer_vit.data.mnist_idx --idx_dir=' in message
+
+
+def test_misspelled_tfds_name_is_unknown_and_the_closest_names_are_suggested(tmp_path, monkeypatch):
+  monkeypatch.setattr(
+    tfds_source, 'network_reachable', lambda *a: pytest.fail('no network probe for a typo')
+  )
+  (tmp_path / 'my_flowers' / '1.0.0').mkdir(parents=True)  # A data set prepared in data_dir.
+  for name, suggested in [
+    ('cifr10', "'cifar10'"),
+    ('CIFAR10', "'cifar10'"),
+    ('mnsit', "'mnist'"),
+    ('digit', "'digits'"),
+    ('my_flower', "'my_flowers'"),
+    ('cifr10/plain:1.0.0', "'cifar10'"),
+  ]:
+    start = time.time()
+    with pytest.raises(data.UnknownDatasetError) as err:
+      data.get_info(_config(dataset=name, data_dir=str(tmp_path)))
+    assert time.time() - start < 2
+    message = str(err.value)
+    assert message.startswith(
+      f'unknown data set {name!r}: tfds has no data set named {name.split("/")[0]!r} and '
+      f'data_dir {str(tmp_path)!r} has no prepared copy of it.\nDid you mean '
+    ), message
+    assert suggested in message.splitlines()[1], message
+    assert 'given as a path: --config.dataset=/path/to/ROOT' in message
+    assert 'tfds build' not in message
+  with pytest.raises(data.UnknownDatasetError, match='No known name is close; python -c'):
+    data.get_info(_config(dataset='qqqqqqqqqqqq', data_dir=str(tmp_path)))
 
 
 def test_stream_split_used_when_over_the_memory_limit(tmp_path):
@@ -190,6 +221,41 @@ def test_folder_corrupt_file_is_named(tmp_path):
     it = data.make_train_iterator(config, _mesh1())
     for _ in range(10):  # 13 examples, batch 8: the corrupt one comes within two steps.
       next(it)
+
+
+@pytest.mark.parametrize('in_memory_max_mb', [1024, 0])  # in memory / read from disk
+def test_folder_image_over_max_image_pixels_is_named(tmp_path, in_memory_max_mb, caplog):
+  _make_folder(tmp_path)
+  huge = tmp_path / 'train' / 'cat' / 'huge.png'
+  Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(huge)
+  config = _config(
+    dataset=str(tmp_path),
+    test_split='train',
+    in_memory_max_mb=in_memory_max_mb,
+    max_image_pixels=1000,  # The others are 12 x 10.
+  )
+  assert data.get_info(config).num_examples['train'] == 13
+  message = (
+    rf'cannot decode image file\(s\): {re.escape(str(huge))} \(image of 40 x 30 = 1200 pixels '
+    r'\(height x width\) is over the limit of 1000 decoded pixels .*'
+    r'--config.max_image_pixels=N .*skip_corrupt=True'
+  )
+  with pytest.raises(data.CorruptImageError, match=message):
+    list(data.make_eval_iterator(config, _mesh1()))
+  with pytest.raises(data.CorruptImageError, match=r'huge\.png \(image of 40 x 30'):
+    it = data.make_train_iterator(config, _mesh1())
+    for _ in range(10):
+      next(it)
+  # Within the limit (or with none) it is read like the others.
+  resized = {**config, 'pp_test': 'decode|resize((12, 10))|value_range(-1, 1)|onehot'}
+  for limit in (1200, 0):
+    images, _, _ = _all_eval({**resized, 'max_image_pixels': limit})
+    assert len(images) == 13
+  # skip_corrupt leaves it out.
+  with caplog.at_level('WARNING'):
+    skipping = {**config, 'skip_corrupt': True}
+    assert data.get_info(skipping).num_examples['train'] == 12
+  assert 'over max_image_pixels=1000' in caplog.text and 'huge.png' in caplog.text
 
 
 def test_folder_skip_corrupt_leaves_it_out_and_logs(tmp_path, caplog):

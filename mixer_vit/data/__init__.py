@@ -5,13 +5,14 @@ read once into a ``DataConfig``) or a ``DataConfig``:
   get_info(config) -> DatasetInfo
   make_train_iterator(config, mesh, start_step=0) -> endless global batches {'image', 'labels'}
   make_eval_iterator(config, mesh, split=None) -> one exact pass {'image', 'labels', 'mask'}
-  preprocess.get_preprocess_fn(pp, num_classes=None) -> example dict -> example dict
+  preprocess.get_preprocess_fn(pp, num_classes=None, max_pixels=None) -> example -> example
 
 Modules, each importing only those before it:
   base          DataConfig, DatasetInfo, Split, Source: what the others share
   digits        the bundled offline digits set, written in tfds format on first use
   tfds_stream   streaming reads of tfds splits too big for memory
   tfds_source   finding prepared tfds sets without network; TfdsSource
+  images        image sizes from file headers; decoding under a limit on pixels
   folder        image folders ROOT/<split>/<class>/*.jpg
   sources       open_source(config): picks the source for config.dataset
   preprocess    the preprocessing ops and pp strings
@@ -32,6 +33,7 @@ from mixer_vit.data.pipeline import local_train_dataset
 from mixer_vit.data.pipeline import make_eval_iterator
 from mixer_vit.data.pipeline import make_train_iterator
 from mixer_vit.data.tfds_source import NotPreparedError
+from mixer_vit.data.tfds_source import UnknownDatasetError
 
 __all__ = [
   'CorruptImageError',
@@ -40,6 +42,7 @@ __all__ = [
   'EvalIterable',
   'NotPreparedError',
   'TrainIterator',
+  'UnknownDatasetError',
   'get_info',
   'local_eval_dataset',
   'local_train_dataset',

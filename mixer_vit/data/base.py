@@ -1,8 +1,9 @@
 """What the data modules share: the data config, data set info, splits and sources.
 
-This module imports no other ``mixer_vit.data`` module; the others build on it:
-``folder`` (image folders), ``tfds_source`` and ``tfds_stream`` (tfds data sets), ``sources``
-(picks the source for ``DataConfig.dataset``), ``preprocess`` (ops) and ``pipeline`` (batches).
+This module imports no other ``mixer_vit.data`` module; the others build on it: ``images``
+(decoding under a limit on pixels), ``folder`` (image folders), ``tfds_source`` and
+``tfds_stream`` (tfds data sets), ``sources`` (picks the source for ``DataConfig.dataset``),
+``preprocess`` (ops) and ``pipeline`` (batches).
 
 A source opens splits. A split knows its size and yields, for one process of ``count``, either an
 endless training stream in a seeded order or one pass over its disjoint part for evaluation.
@@ -30,6 +31,7 @@ import tensorflow as tf
 SHUFFLE_SALT = 0x5EED5EED
 DEFAULT_IN_MEMORY_MB = 1024
 DEFAULT_SHUFFLE_BUFFER = 10_000
+DEFAULT_MAX_IMAGE_PIXELS = 8000 * 8000  # Decoded pixels (height x width) per image.
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class DataConfig:
   in_memory_max_mb: float = DEFAULT_IN_MEMORY_MB  # Splits up to this size are read into memory.
   data_threads: int = 0  # tf.data threads (0: all cores).
   device_prefetch: int = 2  # Batches placed on the devices ahead of use.
+  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # Larger images are refused (0: no limit).
 
   @classmethod
   def from_config(cls, config: Any) -> DataConfig:
@@ -168,6 +171,13 @@ class DataConfig:
       data_threads=_int('data_threads', get('data_threads'), 0, 0, 'tf.data threads; 0: all'),
       device_prefetch=_int(
         'device_prefetch', get('device_prefetch'), 2, 0, 'batches placed on devices ahead'
+      ),
+      max_image_pixels=_int(
+        'max_image_pixels',
+        get('max_image_pixels'),
+        DEFAULT_MAX_IMAGE_PIXELS,
+        0,
+        'decoded pixels (height x width) an image may have; 0: no limit',
       ),
     )
 

@@ -6,9 +6,9 @@ pseudo-random order that does not depend on the machine, so split slices such as
 ``train[:90%]`` / ``train[90%:]`` are class-balanced in expectation and stable.
 
 Images are decoded by the ``decode`` preprocessing op (grey and RGBA become RGB). A file that
-cannot be decoded stops the pipeline with an error that names it; with ``skip_corrupt=True``
-every file is test-decoded once when the split is opened and the corrupt ones are left out and
-logged. Splits whose files total at most ``in_memory_max_bytes`` are read into memory once.
+cannot be decoded, or whose image has more than ``max_pixels`` pixels (``images``), stops the
+pipeline with an error that names it; with ``skip_corrupt=True`` every file is test-decoded once
+when the split is opened and those are left out and logged. Splits whose files total at most ``in_memory_max_bytes`` are read into memory once.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import numpy as np
 import tensorflow as tf
 
 from mixer_vit.data import base
+from mixer_vit.data import images
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _SPLIT_RE = re.compile(r'^\s*([\w.-]+)\s*(?:\[\s*([^\]:]*?)\s*:\s*([^\]:]*?)\s*\])?\s*$')
 
 
 class CorruptImageError(ValueError):
-  """An image file that cannot be decoded."""
+  """An image file that cannot be decoded (or is over the limit on decoded pixels)."""
 
 
 def _bound(text: str, n: int, default: int) -> int:
@@ -57,9 +58,10 @@ def parse_split(split: str) -> list[tuple[str, str, str]]:
   return parts
 
 
-def _decode_error(data: bytes) -> str | None:
+def _decode_error(data: bytes, max_pixels: int) -> str | None:
+  """Why ``data`` cannot be decoded within ``max_pixels``, or None."""
   try:
-    tf.io.decode_image(data, channels=3, expand_animations=False)
+    images.decode(data, 3, max_pixels)
     return None
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
     return str(e.message).split('\n')[0]
@@ -100,6 +102,7 @@ class ImageFolder(base.Source):
     root: str,
     skip_corrupt: bool = False,
     in_memory_max_bytes: int = base.DEFAULT_IN_MEMORY_MB * 2**20,
+    max_pixels: int = base.DEFAULT_MAX_IMAGE_PIXELS,
   ):
     self.root = os.path.expanduser(root)
     self.name = self.root
@@ -128,6 +131,7 @@ class ImageFolder(base.Source):
     self._skip_corrupt = skip_corrupt
     self.skipped: dict[str, list[str]] = {}  # split folder -> corrupt files left out
     self._in_memory_max_bytes = in_memory_max_bytes
+    self._max_pixels = max_pixels
     self._files: dict[str, list[tuple[str, int]]] = {}
     self._splits: dict[str, base.Split] = {}
     self._lock = threading.Lock()
@@ -179,11 +183,7 @@ class ImageFolder(base.Source):
       .map(
         lambda i: (
           i,
-          tf.shape(
-            tf.io.decode_image(
-              tf.io.read_file(tf.gather(paths, i)), channels=3, expand_animations=False
-            )
-          ),
+          tf.shape(images.decode(tf.io.read_file(tf.gather(paths, i)), 3, self._max_pixels)),
         ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -194,10 +194,12 @@ class ImageFolder(base.Source):
     bad = [files[i][0] for i in range(len(files)) if i not in good]
     if bad:
       logging.warning(
-        'skip_corrupt: skipped %d corrupt image file(s) in %s/%s: %s%s',
+        'skip_corrupt: skipped %d corrupt image file(s) in %s/%s (undecodable, or over '
+        'max_image_pixels=%d): %s%s',
         len(bad),
         self.root,
         split_name,
+        self._max_pixels,
         ', '.join(bad[:10]),
         ' ...' if len(bad) > 10 else '',
       )
@@ -228,7 +230,7 @@ class ImageFolder(base.Source):
     None (keep the encoded bytes) for mixed shapes, corrupt files or too much memory.
     """
     try:
-      first = tf.io.decode_image(data[0], channels=3, expand_animations=False).shape
+      first = images.decode(data[0], 3, self._max_pixels).shape
     except tf.errors.OpError:
       return None
     if len(data) * int(np.prod(first)) > self._in_memory_max_bytes:
@@ -237,23 +239,23 @@ class ImageFolder(base.Source):
     ds = (
       tf.data.Dataset.range(len(data))
       .map(
-        lambda i: tf.io.decode_image(tf.gather(encoded, i), channels=3, expand_animations=False),
+        lambda i: images.decode(tf.gather(encoded, i), 3, self._max_pixels),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
       )
       .batch(4096)
     )
     try:
-      images = np.concatenate(list(ds.as_numpy_iterator()))
-    except tf.errors.OpError:  # Mixed shapes or an undecodable file.
+      decoded = np.concatenate(list(ds.as_numpy_iterator()))
+    except tf.errors.OpError:  # Mixed shapes, an undecodable file or one over max_pixels.
       return None
     logging.info(
       'Decoded %d images of shape %s into memory (%.1f MB)',
-      len(images),
+      len(decoded),
       tuple(first),
-      images.nbytes / 2**20,
+      decoded.nbytes / 2**20,
     )
-    return images
+    return decoded
 
   def _open(self, split) -> base.Split:
     files = self._files_of(split)
@@ -273,7 +275,7 @@ class ImageFolder(base.Source):
         return base.in_memory_split(decoded, labels)
 
       def check(i):
-        error = _decode_error(data[i])
+        error = _decode_error(data[i], self._max_pixels)
         return f'{paths[i]} ({error})' if error else None
 
       return base.in_memory_split(np.asarray(data, dtype=object), labels, check)
@@ -285,7 +287,7 @@ class ImageFolder(base.Source):
       return {'image': tf.io.read_file(tf.gather(paths_t, i)), 'label': tf.gather(labels_t, i)}
 
     def check(i):
-      error = _decode_error(_read_all([paths[i]])[0])
+      error = _decode_error(_read_all([paths[i]])[0], self._max_pixels)
       return f'{paths[i]} ({error})' if error else None
 
     return base.RandomAccessSplit(len(paths), load, check)

@@ -52,9 +52,11 @@ def _options(config: base.DataConfig) -> tf.data.Options:
   return options
 
 
-def _example_fn(pp: str, num_classes: int, seed: int, process_index: int, with_ids: bool):
+def _example_fn(
+  pp: str, num_classes: int, seed: int, process_index: int, with_ids: bool, max_pixels: int
+):
   """Example from a split -> preprocessed ``{'image', 'labels'}`` with its per-example seed."""
-  pp_fn = preprocess.get_preprocess_fn(pp, num_classes=num_classes)
+  pp_fn = preprocess.get_preprocess_fn(pp, num_classes=num_classes, max_pixels=max_pixels)
   if 'value_range' not in [name for name, _, _ in preprocess.parse(pp)]:
     raise ValueError(
       f'preprocessing {pp!r} has no value_range op; the models expect images in '
@@ -98,7 +100,14 @@ def local_train_dataset(
   seed = config.seed
   ds = split.train_dataset(process_index, process_count, seed, start_step * local_batch_size)
   ds = ds.map(
-    _example_fn(config.require('pp_train'), source.num_classes, seed, process_index, with_ids),
+    _example_fn(
+      config.require('pp_train'),
+      source.num_classes,
+      seed,
+      process_index,
+      with_ids,
+      config.max_image_pixels,
+    ),
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
   )
@@ -127,7 +136,7 @@ def local_eval_dataset(
     )
   ds = source.split(split_name).eval_dataset(process_index, process_count)
   ds = ds.map(
-    _example_fn(pp, source.num_classes, 0, process_index, with_ids),
+    _example_fn(pp, source.num_classes, 0, process_index, with_ids, config.max_image_pixels),
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
   )

@@ -29,6 +29,11 @@ registered with ``@register(name)``.
 big_vision's ops. ``inception_crop(size)`` returns float32 values in [0, 255], not rounded back
 (half again faster on the training path, where the crop is random anyway); ``value_range`` then
 maps either to [-1, 1].
+
+The decoding ops (``decode``, ``decode_jpeg_and_inception_crop``) refuse encoded images with more
+than ``max_pixels`` pixels (height x width; default 8000 x 8000, 0: no limit) before decoding
+them, reading the size from the file's header (see ``images``); the training pipeline passes
+``config.max_image_pixels`` to those that do not set it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from typing import Any
 import tensorflow as tf
 
 from mixer_vit import sizes
+from mixer_vit.data import base
+from mixer_vit.data import images
 
 Example = dict[str, Any]
 OpFn = Callable[[Example], Example]
@@ -162,12 +169,16 @@ def is_deterministic(pp: str) -> bool:
   return not any(_REGISTRY[name].random for name, _, _ in parse(pp))
 
 
-def get_preprocess_fn(pp: str, num_classes: int | None = None) -> Callable[[Mapping], Example]:
+def get_preprocess_fn(
+  pp: str, num_classes: int | None = None, max_pixels: int | None = None
+) -> Callable[[Mapping], Example]:
   """Composes the ops of ``pp`` into one function ``example dict -> example dict``.
 
   Args:
     pp: the preprocessing string.
     num_classes: the class count that ``onehot`` without an explicit count uses.
+    max_pixels: the limit on decoded pixels (height x width) of the decoding ops that do not set
+      ``max_pixels`` themselves (0: no limit; None: the ops' default, 8000 x 8000).
 
   Returns:
     A function usable in ``tf.data.Dataset.map`` or eagerly on one example, e.g.
@@ -178,6 +189,8 @@ def get_preprocess_fn(pp: str, num_classes: int | None = None) -> Callable[[Mapp
   for name, args, kwargs in parse(pp):
     if name == 'onehot' and num_classes is not None:
       kwargs = {'default_num_classes': num_classes, **kwargs}
+    if max_pixels is not None and not _sets(name, 'max_pixels', args, kwargs):
+      kwargs = {**kwargs, 'max_pixels': max_pixels}
     try:
       fns.append(_REGISTRY[name].factory(*args, **kwargs))
     except TypeError as e:
@@ -194,6 +207,18 @@ def get_preprocess_fn(pp: str, num_classes: int | None = None) -> Callable[[Mapp
 
 # --------------------------------------------------------------------------------------------
 # Helpers.
+
+
+def _sets(name: str, parameter: str, args: tuple, kwargs: dict) -> bool:
+  """Whether op ``name`` has no ``parameter`` or its arguments already set it."""
+  factory = _REGISTRY[name].factory
+  signature = inspect.signature(factory)
+  if parameter not in signature.parameters:
+    return True
+  try:
+    return parameter in signature.bind_partial(*args, **kwargs).arguments
+  except TypeError:  # Bad arguments: the factory's call reports them.
+    return True
 
 
 def _next_seed(data: Example, op: str) -> tf.Tensor:
@@ -228,12 +253,16 @@ def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
   raise ValueError(f'cannot convert an image with {have} channels to {channels}')
 
 
-def _decode(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """Encoded bytes -> uint8 HWC; a decoded (H, W) or HWC array -> ``channels`` channels."""
+def _decode(
+  image: tf.Tensor, channels: int, max_pixels: int | None = None, op: str = 'decode'
+) -> tf.Tensor:
+  """Encoded bytes -> uint8 HWC; a decoded (H, W) or HWC array -> ``channels`` channels.
+
+  Encoded images over ``max_pixels`` (height x width; 0 or None: no limit) are refused before
+  decoding (``images.decode``).
+  """
   if image.dtype == tf.string:
-    image = tf.io.decode_image(image, channels=channels, expand_animations=False)
-    image.set_shape([None, None, channels])
-    return image
+    return images.decode(image, channels, max_pixels, op)
   if image.shape.rank == 2:
     image = image[..., None]
   return _to_channels(image, channels)
@@ -251,9 +280,10 @@ def _restore_dtype(resized: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
 
 
 @image_op('decode', decoded=False)
-def decode(channels: int = 3):
-  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 HWC with `channels` (grey/RGBA converted)."""
-  return lambda image: _decode(image, channels)
+def decode(channels: int = 3, max_pixels: int = base.DEFAULT_MAX_IMAGE_PIXELS):
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 HWC with `channels`; at most `max_pixels` (0: any)."""
+  max_pixels = _max_pixels('decode', max_pixels)
+  return lambda image: _decode(image, channels, max_pixels)
 
 
 @image_op('grey_to_rgb')
@@ -333,6 +363,23 @@ def _inception_window(shape, seed, area_min, area_max, aspect_min, aspect_max):
   return begin, size
 
 
+def _max_pixels(op: str, max_pixels) -> int:
+  """The limit on decoded pixels: an integer >= 0 (0 or None: no limit)."""
+  if max_pixels is None:
+    return 0
+  if (
+    isinstance(max_pixels, (int, float))
+    and not isinstance(max_pixels, bool)
+    and float(max_pixels).is_integer()
+    and max_pixels >= 0
+  ):
+    return int(max_pixels)
+  raise ValueError(
+    f'{op} needs max_pixels = an integer >= 0 (decoded pixels, height x width; 0: no limit), '
+    f'got {max_pixels!r}'
+  )
+
+
 def _check_area(area_min, area_max):
   if not 0 < area_min <= area_max <= 100:
     raise ValueError(
@@ -378,10 +425,13 @@ def decode_jpeg_and_inception_crop(
   aspect_min: float = 3 / 4,
   aspect_max: float = 4 / 3,
   method: str = 'bilinear',
+  max_pixels: int = base.DEFAULT_MAX_IMAGE_PIXELS,
 ):
   """Same as decode|inception_crop(...) but faster on JPEGs: only the window is decoded."""
-  hw = None if size is None else sizes.pair(size, 'the size of decode_jpeg_and_inception_crop')
+  name = 'decode_jpeg_and_inception_crop'
+  hw = None if size is None else sizes.pair(size, f'the size of {name}')
   _check_area(area_min, area_max)
+  max_pixels = _max_pixels(name, max_pixels)
   window = lambda shape, seed: _inception_window(
     shape, seed, area_min, area_max, aspect_min, aspect_max
   )
@@ -391,6 +441,8 @@ def decode_jpeg_and_inception_crop(
       image = _decode(encoded, 3)
       begin, crop_size = window(tf.shape(image), seed)
       return _resize_crop(tf.slice(image, begin, crop_size), hw, method)
+
+    encoded = images.check_pixels(encoded, max_pixels, name)
 
     def jpeg():
       begin, crop_size = window(tf.io.extract_jpeg_shape(encoded), seed)

@@ -34,13 +34,23 @@ def open_source(config: base.DataConfig) -> base.Source:
   """The source named by ``config.dataset`` (cached per process)."""
   dataset = config.dataset
   max_bytes = config.in_memory_max_bytes
-  key = (dataset, config.data_dir, config.skip_corrupt, max_bytes, config.shuffle_buffer)
+  key = (
+    dataset,
+    config.data_dir,
+    config.skip_corrupt,
+    max_bytes,
+    config.shuffle_buffer,
+    config.max_image_pixels,
+  )
   with _SOURCES_LOCK:
     if key not in _SOURCES:
       if is_folder(dataset):
         root = dataset[len('folder:') :] if dataset.startswith('folder:') else dataset
         _SOURCES[key] = folder.ImageFolder(
-          root, skip_corrupt=config.skip_corrupt, in_memory_max_bytes=max_bytes
+          root,
+          skip_corrupt=config.skip_corrupt,
+          in_memory_max_bytes=max_bytes,
+          max_pixels=config.max_image_pixels,
         )
       else:
         _SOURCES[key] = tfds_source.TfdsSource(

@@ -4,7 +4,9 @@
 for minutes. Here the prepared directory ``<data_dir>/<name>[/<config>]/<version>`` is looked up
 first and read with ``tfds.builder_from_directory`` (no registry, no network). When it is missing,
 a download is tried only if the network answers within a few seconds; otherwise a
-``NotPreparedError`` says at once how to prepare the data set.
+``NotPreparedError`` says at once how to prepare the data set. A name that tfds does not know
+either (checked in tfds's registry, offline) gives an ``UnknownDatasetError`` that suggests the
+closest known names instead.
 
 ``TfdsSource`` reads a split into memory when it fits ``in_memory_max_mb`` (decoded when the
 images have one shape and the decoded split fits, else encoded) and otherwise streams it from
@@ -13,6 +15,7 @@ its files (``tfds_stream``).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -35,6 +38,10 @@ _PROBE_TIMEOUT_S = 3.0
 
 class NotPreparedError(FileNotFoundError):
   """The tfds data set is not in data_dir and cannot be downloaded now."""
+
+
+class UnknownDatasetError(NotPreparedError):
+  """The data set name is neither a tfds data set nor prepared in data_dir (a typo?)."""
 
 
 def default_data_dir(data_dir: str | None = None) -> str:
@@ -148,6 +155,64 @@ def _not_prepared_message(name: str, data_dir: str) -> str:
   return '\n'.join(lines)
 
 
+def is_registered(name: str) -> bool:
+  """Whether tfds has a builder for the data set of ``name`` (its registry; no network)."""
+  try:
+    tfds.builder_cls(parse_name(name)[0])
+  except ValueError:  # tfds's DatasetNotFoundError, or not a valid name.
+    return False
+  except Exception:  # pylint: disable=broad-except  # Known, but its module fails to import.
+    return True
+  return True
+
+
+def _names_in(data_dir: str) -> list[str]:
+  """The folders in ``data_dir`` (the data sets prepared there), without tfds's own."""
+  try:
+    entries = tf.io.gfile.listdir(data_dir) if tf.io.gfile.isdir(data_dir) else []
+  except tf.errors.OpError:
+    return []
+  names = [e.rstrip('/') for e in entries]
+  return [
+    n
+    for n in names
+    if n not in ('downloads', 'manual') and tf.io.gfile.isdir(os.path.join(data_dir, n))
+  ]
+
+
+def similar_names(name: str, data_dir: str, count: int = 5) -> list[str]:
+  """The known data set names closest to ``name``: tfds's, ``digits`` and those in data_dir."""
+  base = parse_name(name)[0]
+  candidates = {n.lower(): n for n in tfds.list_builders(with_community_datasets=False)}
+  candidates.update({n.lower(): n for n in [digits.NAME, *_names_in(data_dir)]})
+  close = difflib.get_close_matches(base.lower(), list(candidates), n=count, cutoff=0.6)
+  return [candidates[n] for n in close]
+
+
+def _unknown_message(name: str, data_dir: str) -> str:
+  base = parse_name(name)[0]
+  similar = similar_names(name, data_dir)
+  lines = [
+    f'unknown data set {name!r}: tfds has no data set named {base!r} and data_dir '
+    f'{data_dir!r} has no prepared copy of it.'
+  ]
+  if similar:
+    lines.append(f'Did you mean {" or ".join(repr(n) for n in similar)}?')
+  else:
+    lines.append(
+      "No known name is close; python -c 'import tensorflow_datasets as tfds; "
+      "print(tfds.list_builders())' lists the tfds data sets."
+    )
+  if os.path.isdir(os.path.expanduser(name)):
+    lines.append(f'{name} is a folder, but it has no train/ or test/ folder of classes.')
+  lines.append(
+    'An image folder ROOT/train/<class>/*, ROOT/test/<class>/* is given as a path: '
+    '--config.dataset=/path/to/ROOT (or ./ROOT, ~/ROOT, folder:ROOT); the offline default is '
+    '--config.dataset=digits.'
+  )
+  return '\n'.join(lines)
+
+
 def open_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """A read-only builder of the prepared data set; prepares ``digits``; fails fast otherwise."""
   data_dir = default_data_dir(data_dir)
@@ -155,6 +220,8 @@ def open_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
   if path is None and parse_name(name)[0] == digits.NAME:
     logging.info('Preparing the bundled digits data set in %s', data_dir)
     path = digits.prepare(data_dir)
+  if path is None and not is_registered(name):
+    raise UnknownDatasetError(_unknown_message(name, data_dir))
   if path is None:
     if not network_reachable():
       raise NotPreparedError(_not_prepared_message(name, data_dir))
