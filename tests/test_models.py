@@ -3,40 +3,63 @@
 Big models are only traced (jax.eval_shape); forward passes use tiny models.
 """
 
+from __future__ import annotations
+
 import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from mixer_vit import checkpoint
 from mixer_vit import models
+from mixer_vit import params_io
 from mixer_vit.models import common
 from mixer_vit.models import resnet
 from mixer_vit.models import vit
 
 ORIGINAL_NAMES = [
-    'ViT-Ti_16', 'ViT-S_16', 'ViT-B_16', 'ViT-L_16', 'ViT-H_14', 'ViT-B_8',
-    'ViT-S_32', 'ViT-B_32', 'ViT-L_32', 'ViT-S_16-gap-norep',
-    'ViT-S_32-gap-norep', 'ViT-B_16-gap-norep', 'ViT-B_32-gap-norep',
-    'R+ViT-Ti_16', 'R26+ViT-S_32', 'R26+ViT-B_32', 'R50+ViT-B_16',
-    'R50+ViT-L_32', 'Mixer-S_16', 'Mixer-S_32', 'Mixer-B_16', 'Mixer-B_32',
-    'Mixer-L_16', 'Mixer-L_32', 'Mixer-H_14', 'testing', 'testing-mixer',
+  'ViT-Ti_16',
+  'ViT-S_16',
+  'ViT-B_16',
+  'ViT-L_16',
+  'ViT-H_14',
+  'ViT-B_8',
+  'ViT-S_32',
+  'ViT-B_32',
+  'ViT-L_32',
+  'ViT-S_16-gap-norep',
+  'ViT-S_32-gap-norep',
+  'ViT-B_16-gap-norep',
+  'ViT-B_32-gap-norep',
+  'R+ViT-Ti_16',
+  'R26+ViT-S_32',
+  'R26+ViT-B_32',
+  'R50+ViT-B_16',
+  'R50+ViT-L_32',
+  'Mixer-S_16',
+  'Mixer-S_32',
+  'Mixer-B_16',
+  'Mixer-B_32',
+  'Mixer-L_16',
+  'Mixer-L_32',
+  'Mixer-H_14',
+  'testing',
+  'testing-mixer',
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_cached(name, batch, image_size, overrides):
   return _abstract_uncached(name, batch, image_size, **dict(overrides))
 
 
 def _abstract(name, batch=1, image_size=None, **overrides):
   """(param shapes, logits shape) of a model, traced only (and cached)."""
-  return _abstract_cached(name, batch, image_size,
-                          tuple(sorted(overrides.items())))
+  return _abstract_cached(name, batch, image_size, tuple(sorted(overrides.items())))
 
 
 def _abstract_uncached(name, batch, image_size, **overrides):
@@ -48,6 +71,7 @@ def _abstract_uncached(name, batch, image_size, **overrides):
     x = jnp.zeros((batch, *size, 3))
     params = model.init({'params': jax.random.key(0)}, x)['params']
     return params, model.apply({'params': params}, x)
+
   return jax.eval_shape(run)
 
 
@@ -61,29 +85,33 @@ def _random_params(model, *args, seed=0):
   (Eager flax init compiles every initializer separately, which is slow on
   CPU; the values only need to be generic here.)
   """
-  shapes = jax.eval_shape(
-      lambda: model.init({'params': jax.random.key(0)}, *args)['params'])
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, *args)['params'])
   rng = np.random.default_rng(seed)
+
   def fill(path, s):
     name = path[-1].key
     values = rng.normal(size=s.shape)
     values = 1.0 + 0.1 * values if name == 'scale' else 0.3 * values
     return jnp.asarray(values, s.dtype)
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_apply(module, static):
+@functools.cache
+def _jitted_apply(module, intermediates, static):
   def apply(params, arrays, rng):
     rngs = {} if rng is None else {'dropout': rng}
+    if intermediates:
+      return models.apply_with_intermediates(module, params, *arrays, rngs=rngs, **dict(static))
     return module.apply({'params': params}, *arrays, rngs=rngs, **dict(static))
+
   return jax.jit(apply)
 
 
-def _run(module, params, *arrays, rng=None, **static):
-  """module.apply, jitted (one compile is cheaper than eager op-by-op)."""
-  return _jitted_apply(module, tuple(sorted(static.items())))(
-      params, arrays, rng)
+def _run(module, params, *arrays, rng=None, intermediates=False, **static):
+  """module.apply (or models.apply_with_intermediates), jitted: one compile is cheaper than
+  eager op-by-op."""
+  return _jitted_apply(module, intermediates, tuple(sorted(static.items())))(params, arrays, rng)
 
 
 def _init(name, x, seed=0, **overrides):
@@ -107,32 +135,37 @@ def test_every_model_builds_with_the_right_shapes_and_size(name):
   assert logits.shape == (1, 1000)
   assert logits.dtype == jnp.float32
   count = _count(params)
-  formula = (_mixer_count if config.family == 'mixer' else _vit_count)(
-      config, 1000)
+  formula = (_mixer_count if config.family == 'mixer' else _vit_count)(config, 1000)
   assert count == formula
   if name in KNOWN_COUNTS:
     assert count == KNOWN_COUNTS[name]
-  assert config.image_size == ((32, 32) if name.startswith('testing')
-                               else (224, 224))
+  assert config.image_size == ((32, 32) if name.startswith('testing') else (224, 224))
   h, w = models.token_grid(config)
   if config.family == 'vit':
     tokens = params['Transformer']['posembed_input']['pos_embedding'].shape[1]
     assert tokens == h * w + (config.classifier == 'token')
   else:
-    assert params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape[
-        0] == h * w
+    assert params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape[0] == h * w
 
 
-@pytest.mark.parametrize('alias,name', [
-    ('Ti_16', 'ViT-Ti_16'), ('S_32', 'ViT-S_32'), ('B_16', 'ViT-B_16'),
-    ('B_8', 'ViT-B_8'), ('L_16', 'ViT-L_16'), ('R_Ti_16', 'R+ViT-Ti_16'),
-    ('R26_S_32', 'R26+ViT-S_32'), ('R26_B_32', 'R26+ViT-B_32'),
-    ('R50_L_32', 'R50+ViT-L_32'), ('S_16-gap-norep', 'ViT-S_16-gap-norep'),
-])
+@pytest.mark.parametrize(
+  'alias,name',
+  [
+    ('Ti_16', 'ViT-Ti_16'),
+    ('S_32', 'ViT-S_32'),
+    ('B_16', 'ViT-B_16'),
+    ('B_8', 'ViT-B_8'),
+    ('L_16', 'ViT-L_16'),
+    ('R_Ti_16', 'R+ViT-Ti_16'),
+    ('R26_S_32', 'R26+ViT-S_32'),
+    ('R26_B_32', 'R26+ViT-B_32'),
+    ('R50_L_32', 'R50+ViT-L_32'),
+    ('S_16-gap-norep', 'ViT-S_16-gap-norep'),
+  ],
+)
 def test_augreg_short_names_resolve(alias, name):
   assert models.resolve_name(alias) == name
-  assert models.get_model_config(alias).to_dict() == (
-      models.get_model_config(name).to_dict())
+  assert models.get_model_config(alias).to_dict() == (models.get_model_config(name).to_dict())
 
 
 def test_unknown_name_lists_known_names():
@@ -145,8 +178,7 @@ def test_overrides_dotted_nested_and_unknown():
   b = models.get_model_config('ViT-B_16', transformer={'num_layers': 2})
   assert a.transformer.num_layers == b.transformer.num_layers == 2
   assert a.transformer.num_heads == 12
-  c = models.get_model_config('ViT-B_16', image_size=384, dtype=jnp.bfloat16,
-                              **{'patches.size': 8})
+  c = models.get_model_config('ViT-B_16', image_size=384, dtype=jnp.bfloat16, **{'patches.size': 8})
   assert c.image_size == (384, 384) and c.patches.size == (8, 8)
   assert c.dtype == 'bfloat16'
   # The original kept dropout under `transformer.`; both spellings work.
@@ -170,18 +202,77 @@ def test_original_settings_per_name():
       # No released config has a representation layer by default.
       assert config.representation_size is None, name
       assert config.classifier == ('gap' if 'gap' in name else 'token'), name
-  dropout = {n: models.get_model_config(n).dropout_rate
-             for n in ('ViT-B_16', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14',
-                       'R50+ViT-B_16', 'R50+ViT-L_32', 'R26+ViT-B_32')}
-  assert dropout == {'ViT-B_16': 0.0, 'ViT-L_16': 0.1, 'ViT-L_32': 0.0,
-                     'ViT-H_14': 0.1, 'R50+ViT-B_16': 0.1,
-                     'R50+ViT-L_32': 0.1, 'R26+ViT-B_32': 0.0}
-  assert tuple(models.get_model_config('R50+ViT-B_16').resnet.num_layers) == (
-      3, 4, 9)
+  dropout = {
+    n: models.get_model_config(n).dropout_rate
+    for n in (
+      'ViT-B_16',
+      'ViT-L_16',
+      'ViT-L_32',
+      'ViT-H_14',
+      'R50+ViT-B_16',
+      'R50+ViT-L_32',
+      'R26+ViT-B_32',
+    )
+  }
+  assert dropout == {
+    'ViT-B_16': 0.0,
+    'ViT-L_16': 0.1,
+    'ViT-L_32': 0.0,
+    'ViT-H_14': 0.1,
+    'R50+ViT-B_16': 0.1,
+    'R50+ViT-L_32': 0.1,
+    'R26+ViT-B_32': 0.0,
+  }
+  assert tuple(models.get_model_config('R50+ViT-B_16').resnet.num_layers) == (3, 4, 9)
   assert tuple(models.get_model_config('R+ViT-Ti_16').patches.size) == (8, 8)
   s32 = models.get_model_config('Mixer-S_32')
-  assert (s32.hidden_size, s32.num_blocks, s32.tokens_mlp_dim,
-          s32.channels_mlp_dim) == (512, 8, 256, 2048)
+  assert (s32.hidden_size, s32.num_blocks, s32.tokens_mlp_dim, s32.channels_mlp_dim) == (
+    512,
+    8,
+    256,
+    2048,
+  )
+
+
+def test_modules_take_the_config_keys():
+  """build_model passes the config through: the modules' fields are its keys."""
+  config = models.get_model_config('testing', resnet={'num_layers': (1,)}, patches={'size': 1})
+  model = models.build_model(config)
+  for key, value in config.items():
+    if key in ('name', 'family', 'image_size'):
+      continue
+    field = getattr(model, key)
+    if isinstance(value, ml_collections.ConfigDict):
+      assert dict(field) == value.to_dict(), key
+    else:
+      assert field == value, key
+  direct = vit.VisionTransformer(
+    num_classes=10,
+    patches={'size': (4, 4)},
+    hidden_size=32,
+    transformer={'num_layers': 2, 'mlp_dim': 64, 'num_heads': 2},
+  )
+  assert direct == models.get_model('testing')
+  assert hash(direct) == hash(models.get_model('testing'))
+  mixer = models.get_model('testing-mixer')
+  assert mixer == models.MlpMixer(
+    num_classes=10,
+    patches={'size': (4, 4)},
+    hidden_size=32,
+    num_blocks=2,
+    tokens_mlp_dim=32,
+    channels_mlp_dim=64,
+  )
+
+
+@pytest.mark.parametrize('name', ['testing', 'testing-mixer'])
+def test_intermediates_are_sown_only_when_asked(name):
+  x = _images((1, 32, 32, 3))
+  model = models.get_model(name)
+  variables = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, x))
+  assert set(variables) == {'params'}  # init sows nothing
+  logits = jax.eval_shape(lambda v: model.apply(v, x), variables)
+  assert logits.shape == (1, 10)  # plain apply: logits only
 
 
 # --------------------------------------------------------------------------
@@ -219,21 +310,23 @@ def _mixer_count(c, num_classes):
   h, w = models.token_grid(c)
   s = h * w
   p = c.patches.size[0] * c.patches.size[1] * 3
-  per_block = 4 * d + (s * t + t + t * s + s) + (
-      d * c.channels_mlp_dim + c.channels_mlp_dim + c.channels_mlp_dim * d + d)
-  return p * d + d + c.num_blocks * per_block + 2 * d + d * num_classes + (
-      num_classes)
+  per_block = (
+    4 * d
+    + (s * t + t + t * s + s)
+    + (d * c.channels_mlp_dim + c.channels_mlp_dim + c.channels_mlp_dim * d + d)
+  )
+  return p * d + d + c.num_blocks * per_block + 2 * d + d * num_classes + (num_classes)
 
 
 # Published sizes at 224px with 1000 classes (timm model cards / papers).
 KNOWN_COUNTS = {
-    'ViT-Ti_16': 5_717_416,
-    'ViT-S_16': 22_050_664,
-    'ViT-B_16': 86_567_656,
-    'ViT-L_16': 304_326_632,
-    'ViT-H_14': 632_045_800,
-    'Mixer-B_16': 59_880_472,
-    'Mixer-L_16': 208_196_168,
+  'ViT-Ti_16': 5_717_416,
+  'ViT-S_16': 22_050_664,
+  'ViT-B_16': 86_567_656,
+  'ViT-L_16': 304_326_632,
+  'ViT-H_14': 632_045_800,
+  'Mixer-B_16': 59_880_472,
+  'Mixer-L_16': 208_196_168,
 }
 
 
@@ -241,38 +334,43 @@ KNOWN_COUNTS = {
 # Parameter layout of the released checkpoints.
 
 B16_LAYER = {
-    'LayerNorm_0/scale': (768,), 'LayerNorm_0/bias': (768,),
-    'MultiHeadDotProductAttention_1/query/kernel': (768, 12, 64),
-    'MultiHeadDotProductAttention_1/query/bias': (12, 64),
-    'MultiHeadDotProductAttention_1/key/kernel': (768, 12, 64),
-    'MultiHeadDotProductAttention_1/key/bias': (12, 64),
-    'MultiHeadDotProductAttention_1/value/kernel': (768, 12, 64),
-    'MultiHeadDotProductAttention_1/value/bias': (12, 64),
-    'MultiHeadDotProductAttention_1/out/kernel': (12, 64, 768),
-    'MultiHeadDotProductAttention_1/out/bias': (768,),
-    'LayerNorm_2/scale': (768,), 'LayerNorm_2/bias': (768,),
-    'MlpBlock_3/Dense_0/kernel': (768, 3072), 'MlpBlock_3/Dense_0/bias': (3072,),
-    'MlpBlock_3/Dense_1/kernel': (3072, 768), 'MlpBlock_3/Dense_1/bias': (768,),
+  'LayerNorm_0/scale': (768,),
+  'LayerNorm_0/bias': (768,),
+  'MultiHeadDotProductAttention_1/query/kernel': (768, 12, 64),
+  'MultiHeadDotProductAttention_1/query/bias': (12, 64),
+  'MultiHeadDotProductAttention_1/key/kernel': (768, 12, 64),
+  'MultiHeadDotProductAttention_1/key/bias': (12, 64),
+  'MultiHeadDotProductAttention_1/value/kernel': (768, 12, 64),
+  'MultiHeadDotProductAttention_1/value/bias': (12, 64),
+  'MultiHeadDotProductAttention_1/out/kernel': (12, 64, 768),
+  'MultiHeadDotProductAttention_1/out/bias': (768,),
+  'LayerNorm_2/scale': (768,),
+  'LayerNorm_2/bias': (768,),
+  'MlpBlock_3/Dense_0/kernel': (768, 3072),
+  'MlpBlock_3/Dense_0/bias': (3072,),
+  'MlpBlock_3/Dense_1/kernel': (3072, 768),
+  'MlpBlock_3/Dense_1/bias': (768,),
 }
 
 
 def _flat_shapes(name, **overrides):
   params, _ = _abstract(name, batch=1, **overrides)
-  return {k: tuple(v.shape) for k, v in checkpoint.flatten(params).items()}
+  return {k: tuple(v.shape) for k, v in params_io.flatten(params).items()}
 
 
 def test_vit_b16_keys_are_those_of_the_released_file():
   expected = {
-      'embedding/kernel': (16, 16, 3, 768), 'embedding/bias': (768,),
-      'cls': (1, 1, 768),
-      'Transformer/posembed_input/pos_embedding': (1, 197, 768),
-      'Transformer/encoder_norm/scale': (768,),
-      'Transformer/encoder_norm/bias': (768,),
-      'head/kernel': (768, 1000), 'head/bias': (1000,),
+    'embedding/kernel': (16, 16, 3, 768),
+    'embedding/bias': (768,),
+    'cls': (1, 1, 768),
+    'Transformer/posembed_input/pos_embedding': (1, 197, 768),
+    'Transformer/encoder_norm/scale': (768,),
+    'Transformer/encoder_norm/bias': (768,),
+    'head/kernel': (768, 1000),
+    'head/bias': (1000,),
   }
   for i in range(12):
-    expected.update({f'Transformer/encoderblock_{i}/{k}': v
-                     for k, v in B16_LAYER.items()})
+    expected.update({f'Transformer/encoderblock_{i}/{k}': v for k, v in B16_LAYER.items()})
   assert _flat_shapes('ViT-B_16', num_classes=1000) == expected
   # The i21k files also hold pre_logits (768 -> 768).
   shapes = _flat_shapes('ViT-B_16', num_classes=21843, representation_size=768)
@@ -283,16 +381,18 @@ def test_vit_b16_keys_are_those_of_the_released_file():
 def test_mixer_b16_keys_are_those_of_the_released_file():
   shapes = _flat_shapes('Mixer-B_16', num_classes=1000)
   expected_some = {
-      'stem/kernel': (16, 16, 3, 768), 'stem/bias': (768,),
-      'MixerBlock_0/LayerNorm_0/scale': (768,),
-      'MixerBlock_0/token_mixing/Dense_0/kernel': (196, 384),
-      'MixerBlock_0/token_mixing/Dense_0/bias': (384,),
-      'MixerBlock_0/token_mixing/Dense_1/kernel': (384, 196),
-      'MixerBlock_0/token_mixing/Dense_1/bias': (196,),
-      'MixerBlock_11/LayerNorm_1/bias': (768,),
-      'MixerBlock_11/channel_mixing/Dense_0/kernel': (768, 3072),
-      'MixerBlock_11/channel_mixing/Dense_1/kernel': (3072, 768),
-      'pre_head_layer_norm/scale': (768,), 'head/kernel': (768, 1000),
+    'stem/kernel': (16, 16, 3, 768),
+    'stem/bias': (768,),
+    'MixerBlock_0/LayerNorm_0/scale': (768,),
+    'MixerBlock_0/token_mixing/Dense_0/kernel': (196, 384),
+    'MixerBlock_0/token_mixing/Dense_0/bias': (384,),
+    'MixerBlock_0/token_mixing/Dense_1/kernel': (384, 196),
+    'MixerBlock_0/token_mixing/Dense_1/bias': (196,),
+    'MixerBlock_11/LayerNorm_1/bias': (768,),
+    'MixerBlock_11/channel_mixing/Dense_0/kernel': (768, 3072),
+    'MixerBlock_11/channel_mixing/Dense_1/kernel': (3072, 768),
+    'pre_head_layer_norm/scale': (768,),
+    'head/kernel': (768, 1000),
   }
   assert {k: shapes[k] for k in expected_some} == expected_some
   assert len(shapes) == 2 + 12 * 12 + 2 + 2
@@ -302,21 +402,22 @@ def test_mixer_b16_keys_are_those_of_the_released_file():
 def test_r50_vit_b16_keys_are_those_of_the_released_file():
   shapes = _flat_shapes('R50+ViT-B_16', num_classes=1000)
   expected_some = {
-      'conv_root/kernel': (7, 7, 3, 64), 'gn_root/scale': (64,),
-      'gn_root/bias': (64,),
-      'block1/unit1/conv_proj/kernel': (1, 1, 64, 256),
-      'block1/unit1/gn_proj/scale': (256,),
-      'block1/unit1/conv1/kernel': (1, 1, 64, 64),
-      'block1/unit1/gn1/scale': (64,),
-      'block1/unit1/conv2/kernel': (3, 3, 64, 64),
-      'block1/unit1/conv3/kernel': (1, 1, 64, 256),
-      'block1/unit1/gn3/bias': (256,),
-      'block1/unit3/conv1/kernel': (1, 1, 256, 64),
-      'block2/unit1/conv_proj/kernel': (1, 1, 256, 512),
-      'block3/unit9/conv3/kernel': (1, 1, 256, 1024),
-      'embedding/kernel': (1, 1, 1024, 768),
-      'Transformer/posembed_input/pos_embedding': (1, 197, 768),
-      'Transformer/encoderblock_11/MlpBlock_3/Dense_1/kernel': (3072, 768),
+    'conv_root/kernel': (7, 7, 3, 64),
+    'gn_root/scale': (64,),
+    'gn_root/bias': (64,),
+    'block1/unit1/conv_proj/kernel': (1, 1, 64, 256),
+    'block1/unit1/gn_proj/scale': (256,),
+    'block1/unit1/conv1/kernel': (1, 1, 64, 64),
+    'block1/unit1/gn1/scale': (64,),
+    'block1/unit1/conv2/kernel': (3, 3, 64, 64),
+    'block1/unit1/conv3/kernel': (1, 1, 64, 256),
+    'block1/unit1/gn3/bias': (256,),
+    'block1/unit3/conv1/kernel': (1, 1, 256, 64),
+    'block2/unit1/conv_proj/kernel': (1, 1, 256, 512),
+    'block3/unit9/conv3/kernel': (1, 1, 256, 1024),
+    'embedding/kernel': (1, 1, 1024, 768),
+    'Transformer/posembed_input/pos_embedding': (1, 197, 768),
+    'Transformer/encoderblock_11/MlpBlock_3/Dense_1/kernel': (3072, 768),
   }
   assert {k: shapes[k] for k in expected_some} == expected_some
   assert 'block1/unit2/conv_proj/kernel' not in shapes
@@ -327,13 +428,20 @@ def test_r50_vit_b16_keys_are_those_of_the_released_file():
 def test_scan_stacks_the_per_layer_layout():
   unrolled = _flat_shapes('ViT-B_16')
   stacked = _flat_shapes('ViT-B_16', scan=True)
-  assert stacked['Transformer/encoderblock/MultiHeadDotProductAttention_1/'
-                 'query/kernel'] == (12, 768, 12, 64)
+  assert stacked['Transformer/encoderblock/MultiHeadDotProductAttention_1/query/kernel'] == (
+    12,
+    768,
+    12,
+    64,
+  )
   params, _ = _abstract('ViT-B_16', batch=1, scan=True)
   # Unstacking the abstract tree is not possible; compare key sets instead.
-  per_layer = {k.replace('encoderblock/', f'encoderblock_{i}/')
-               for k in stacked for i in range(12)
-               if 'encoderblock/' in k}
+  per_layer = {
+    k.replace('encoderblock/', f'encoderblock_{i}/')
+    for k in stacked
+    for i in range(12)
+    if 'encoderblock/' in k
+  }
   others = {k for k in stacked if 'encoderblock/' not in k}
   assert per_layer | others == set(unrolled)
   del params
@@ -349,7 +457,7 @@ def _gelu_tanh(x):
 
 def _layer_norm(x, p, eps=1e-6):
   mean = x.mean(-1, keepdims=True)
-  var = ((x - mean)**2).mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
   return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
 
 
@@ -361,21 +469,23 @@ def _softmax(x):
 def _patchify(x, kernel, bias):
   b, h, w, c = x.shape
   ph, pw = kernel.shape[:2]
-  x = x[:, :h // ph * ph, :w // pw * pw]
+  x = x[:, : h // ph * ph, : w // pw * pw]
   x = x.reshape(b, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // ph) * (w // pw), -1) @ kernel.reshape(
-      -1, kernel.shape[-1]) + bias
+  return x.reshape(b, (h // ph) * (w // pw), -1) @ kernel.reshape(-1, kernel.shape[-1]) + bias
 
 
 def _mlp(x, p):
-  return _gelu_tanh(x @ p['Dense_0']['kernel'] + p['Dense_0']['bias']) @ (
-      p['Dense_1']['kernel']) + p['Dense_1']['bias']
+  return (
+    _gelu_tanh(x @ p['Dense_0']['kernel'] + p['Dense_0']['bias']) @ (p['Dense_1']['kernel'])
+    + p['Dense_1']['bias']
+  )
 
 
 def _attention(x, p):
   """softmax(q k^T / sqrt(head_dim)) v with explicit einsums."""
-  q, k, v = (np.einsum('btd,dhk->bthk', x, p[n]['kernel']) + p[n]['bias']
-             for n in ('query', 'key', 'value'))
+  q, k, v = (
+    np.einsum('btd,dhk->bthk', x, p[n]['kernel']) + p[n]['bias'] for n in ('query', 'key', 'value')
+  )
   w = _softmax(np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1]))
   o = np.einsum('bhqs,bshk->bqhk', w, v)
   return np.einsum('bqhk,hkd->bqd', o, p['out']['kernel']) + p['out']['bias'], w
@@ -383,17 +493,14 @@ def _attention(x, p):
 
 def _reference_vit(p, x):
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-  x = _patchify(np.asarray(x, np.float64), p['embedding']['kernel'],
-                p['embedding']['bias'])
-  x = np.concatenate([np.broadcast_to(p['cls'], (x.shape[0], 1, x.shape[2])),
-                      x], 1)
+  x = _patchify(np.asarray(x, np.float64), p['embedding']['kernel'], p['embedding']['bias'])
+  x = np.concatenate([np.broadcast_to(p['cls'], (x.shape[0], 1, x.shape[2])), x], 1)
   t = p['Transformer']
   x = x + t['posembed_input']['pos_embedding']
   weights = []
   for i in range(len([k for k in t if k.startswith('encoderblock_')])):
     b = t[f'encoderblock_{i}']
-    y, w = _attention(_layer_norm(x, b['LayerNorm_0']),
-                      b['MultiHeadDotProductAttention_1'])
+    y, w = _attention(_layer_norm(x, b['LayerNorm_0']), b['MultiHeadDotProductAttention_1'])
     weights.append(w)
     x = x + y
     x = x + _mlp(_layer_norm(x, b['LayerNorm_2']), b['MlpBlock_3'])
@@ -403,8 +510,7 @@ def _reference_vit(p, x):
 
 def _reference_mixer(p, x):
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-  x = _patchify(np.asarray(x, np.float64), p['stem']['kernel'],
-                p['stem']['bias'])
+  x = _patchify(np.asarray(x, np.float64), p['stem']['kernel'], p['stem']['bias'])
   for i in range(len([k for k in p if k.startswith('MixerBlock_')])):
     b = p[f'MixerBlock_{i}']
     y = _layer_norm(x, b['LayerNorm_0']).transpose(0, 2, 1)
@@ -421,13 +527,12 @@ def _images(shape=(2, 32, 32, 3), seed=0):
 def test_vit_forward_matches_an_independent_reference():
   x = _images((2, 32, 48, 3))  # non-square on purpose
   model, params = _init('testing', x)
-  logits, inter = _run(model, params, x, return_intermediates=True)
+  logits, inter = _run(model, params, x, intermediates=True)
   want, want_weights = _reference_vit(params, x)
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(inter['attention'], want_weights, atol=1e-5)
   # The fused (dot_product_attention) path gives the same logits.
-  np.testing.assert_allclose(_run(model, params, x), logits,
-                             atol=1e-5)
+  np.testing.assert_allclose(_run(model, params, x), logits, atol=1e-5)
   # Intermediates: 2 layers, 1 + 8 x 12 tokens, width 32, 2 heads.
   assert inter['blocks'].shape == (2, 2, 97, 32)
   assert inter['attention'].shape == (2, 2, 2, 97, 97)
@@ -438,9 +543,8 @@ def test_vit_forward_matches_an_independent_reference():
 def test_mixer_forward_matches_an_independent_reference():
   x = _images()
   model, params = _init('testing-mixer', x)
-  logits, inter = _run(model, params, x, return_intermediates=True)
-  np.testing.assert_allclose(logits, _reference_mixer(params, x), rtol=1e-4,
-                             atol=1e-4)
+  logits, inter = _run(model, params, x, intermediates=True)
+  np.testing.assert_allclose(logits, _reference_mixer(params, x), rtol=1e-4, atol=1e-4)
   assert inter['blocks'].shape == (2, 2, 64, 32)
   assert inter['pre_logits'].shape == (2, 32)
   assert 'attention' not in inter
@@ -451,23 +555,19 @@ def test_attention_matches_flax_multi_head_attention():
   x = jax.random.normal(jax.random.key(0), (2, 7, 16))
   params = _random_params(vit.MultiHeadDotProductAttention(num_heads=4), x)
   reference = nn.MultiHeadDotProductAttention(num_heads=4)
-  ref_shapes = jax.eval_shape(
-      lambda: reference.init(jax.random.key(1), x, x)['params'])
+  ref_shapes = jax.eval_shape(lambda: reference.init(jax.random.key(1), x, x)['params'])
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_shapes)
   want = _run(reference, params, x, x)
   for impl in ('xla', 'explicit'):
-    got, _ = _run(vit.MultiHeadDotProductAttention(
-        num_heads=4, implementation=impl), params, x)
+    got, _ = _run(vit.MultiHeadDotProductAttention(num_heads=4, implementation=impl), params, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
-  _, weights = _run(vit.MultiHeadDotProductAttention(
-      num_heads=4, return_weights=True), params, x)
+  _, weights = _run(vit.MultiHeadDotProductAttention(num_heads=4, return_weights=True), params, x)
   assert weights.shape == (2, 4, 7, 7)
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
 
 
 def _reference_block(x, b, eps):
-  y, _ = _attention(_layer_norm(x, b['LayerNorm_0'], eps),
-                    b['MultiHeadDotProductAttention_1'])
+  y, _ = _attention(_layer_norm(x, b['LayerNorm_0'], eps), b['MultiHeadDotProductAttention_1'])
   x = x + y
   return x + _mlp(_layer_norm(x, b['LayerNorm_2'], eps), b['MlpBlock_3'])
 
@@ -480,16 +580,18 @@ def test_block_layer_norm_epsilon_and_gelu():
   got, _ = _run(block, params, x, 0.0)
   p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   x64 = np.asarray(x, np.float64)
-  np.testing.assert_allclose(got, _reference_block(x64, p64, 1e-6),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got, _reference_block(x64, p64, 1e-6), rtol=1e-4, atol=1e-5)
   assert not np.allclose(got, _reference_block(x64, p64, 1e-5), rtol=1e-3)
   mlp = common.MlpBlock(4)
   h = np.linspace(-3, 3, 8).reshape(1, 8).astype(np.float32)
-  identity = {'Dense_0': {'kernel': np.eye(8, 4), 'bias': np.zeros(4)},
-              'Dense_1': {'kernel': np.eye(4, 8), 'bias': np.zeros(8)}}
+  identity = {
+    'Dense_0': {'kernel': np.eye(8, 4), 'bias': np.zeros(4)},
+    'Dense_1': {'kernel': np.eye(4, 8), 'bias': np.zeros(8)},
+  }
   out = np.asarray(_run(mlp, identity, h))[0, :4]
-  np.testing.assert_allclose(out, _gelu_tanh(h[0, :4].astype(np.float64)),
-                             atol=1e-6)  # tanh form, not erf
+  np.testing.assert_allclose(
+    out, _gelu_tanh(h[0, :4].astype(np.float64)), atol=1e-6
+  )  # tanh form, not erf
 
 
 def test_weight_standardised_conv():
@@ -499,8 +601,8 @@ def test_weight_standardised_conv():
   k = np.asarray(p['kernel'], np.float64)
   k = (k - k.mean((0, 1, 2))) / (k.std((0, 1, 2)) + 1e-5)
   want = jax.lax.conv_general_dilated(
-      x, jnp.asarray(k, jnp.float32), (2, 2), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x, jnp.asarray(k, jnp.float32), (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   np.testing.assert_allclose(_run(conv, p, x), want, atol=1e-5)
 
 
@@ -513,28 +615,42 @@ def test_scan_and_unrolled_agree(name):
   x = _images()
   model, params = _init(name, x)
   scanned = models.get_model(name, scan=True, remat=True)
-  stacked = checkpoint.stack_layers(params)
-  a, ia = _run(model, params, x, return_intermediates=True)
-  b, ib = _run(scanned, stacked, x, return_intermediates=True)
+  stacked = params_io.stack_layers(params)
+  a, ia = _run(model, params, x, intermediates=True)
+  b, ib = _run(scanned, stacked, x, intermediates=True)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(ia['blocks'], ib['blocks'], rtol=1e-5, atol=1e-5)
+  assert ia.keys() == ib.keys()
+  for key in ia:
+    assert ia[key].shape == ib[key].shape, key
+    np.testing.assert_allclose(ia[key], ib[key], rtol=1e-5, atol=1e-5, err_msg=key)
   if name != 'testing-mixer':
     return  # Gradients once (compiling them is the slow part).
-  grad = lambda m, p: jax.jit(jax.grad(  # noqa: E731
-      lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)))(p)
+  grad = lambda m, p: jax.jit(
+    jax.grad(  # noqa: E731
+      lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
+    )
+  )(p)
   ga = grad(model, params)
-  gb = checkpoint.unstack_layers(grad(scanned, stacked))
+  gb = params_io.unstack_layers(grad(scanned, stacked))
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ga))
   for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(u, v, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize('classifier,shape', [
-    ('token', (2, 10)), ('gap', (2, 10)), ('map', (2, 10)),
-    ('unpooled', (2, 48, 10)), ('token_unpooled', (2, 49, 10))])
+@pytest.mark.parametrize(
+  'classifier,shape',
+  [
+    ('token', (2, 10)),
+    ('gap', (2, 10)),
+    ('map', (2, 10)),
+    ('unpooled', (2, 48, 10)),
+    ('token_unpooled', (2, 49, 10)),
+  ],
+)
 def test_classifiers(classifier, shape):
-  params, logits = _abstract('testing', batch=2, image_size=(24, 32),
-                             classifier=classifier)  # 6 x 8 patches
+  params, logits = _abstract(
+    'testing', batch=2, image_size=(24, 32), classifier=classifier
+  )  # 6 x 8 patches
   assert logits.shape == shape
   assert ('cls' in params) == (classifier in ('token', 'token_unpooled'))
   assert ('MAPHead_0' in params) == (classifier == 'map')
@@ -547,7 +663,7 @@ def test_map_head_and_representation_layer_run():
   model, params = _init('testing', x, classifier='map', representation_size=16)
   assert params['MAPHead_0']['probe'].shape == (1, 1, 32)
   assert params['pre_logits']['kernel'].shape == (32, 16)
-  logits, inter = _run(model, params, x, return_intermediates=True)
+  logits, inter = _run(model, params, x, intermediates=True)
   assert logits.shape == (2, 10)
   assert inter['pre_logits'].shape == (2, 16)
   assert np.all(np.abs(inter['pre_logits']) <= 1.0)  # tanh
@@ -555,26 +671,23 @@ def test_map_head_and_representation_layer_run():
 
 
 def test_bfloat16_compute_and_params():
-  params, logits = _abstract('testing', dtype='bfloat16',
-                             param_dtype='bfloat16')
+  params, logits = _abstract('testing', dtype='bfloat16', param_dtype='bfloat16')
   assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params))
   assert logits.dtype == jnp.float32
   x = _images()
   mixed, p32 = _init('testing', x, dtype='bfloat16')
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p32))
   full = _run(models.get_model('testing'), p32, x)
-  half, inter = _run(mixed, p32, x, return_intermediates=True)
+  half, inter = _run(mixed, p32, x, intermediates=True)
   assert half.dtype == jnp.float32 and inter['blocks'].dtype == jnp.bfloat16
   np.testing.assert_allclose(half, full, atol=0.05 * float(np.abs(full).max()))
 
 
 def test_initialisation():
   """Zero head and class token, BERT-style position embeddings, Xavier."""
-  model = models.get_model('testing', num_classes=10, hidden_size=64,
-                           **{'patches.size': 2})
+  model = models.get_model('testing', num_classes=10, hidden_size=64, **{'patches.size': 2})
   x = jnp.zeros((1, 32, 32, 3))
-  params = jax.jit(lambda: model.init({'params': jax.random.key(0)}, x))()[
-      'params']
+  params = jax.jit(lambda: model.init({'params': jax.random.key(0)}, x))()['params']
   np.testing.assert_array_equal(params['head']['kernel'], 0.0)
   np.testing.assert_array_equal(params['head']['bias'], 0.0)
   np.testing.assert_array_equal(params['cls'], 0.0)
@@ -588,23 +701,26 @@ def test_initialisation():
   assert float(jnp.abs(block['MlpBlock_3']['Dense_0']['bias']).max()) < 1e-5
 
 
-@pytest.mark.parametrize('name,overrides', [
+@pytest.mark.parametrize(
+  'name,overrides',
+  [
     ('testing', {'attention_dropout_rate': 0.5}),
     ('testing', {'stochastic_depth': 0.5}),
     ('testing-mixer', {'dropout_rate': 0.1, 'stochastic_depth': 0.5}),
-])
+  ],
+)
 def test_dropout_and_stochastic_depth_act_in_training(name, overrides):
   x = _images((8, 32, 32, 3))
   model, params = _init(name, x, **overrides)
   run = lambda seed: _run(  # noqa: E731
-      model, params, x, train=True, rng=jax.random.key(seed))
+    model, params, x, train=True, rng=jax.random.key(seed)
+  )
   assert not np.allclose(run(0), run(1))
   np.testing.assert_array_equal(run(0), run(0))
 
 
 def test_drop_path_rates_rise_linearly():
-  np.testing.assert_allclose(common.drop_path_rates(0.2, 5),
-                             [0.0, 0.05, 0.1, 0.15, 0.2])
+  np.testing.assert_allclose(common.drop_path_rates(0.2, 5), [0.0, 0.05, 0.1, 0.15, 0.2])
 
 
 def test_drop_path_keeps_the_expectation():
@@ -612,6 +728,7 @@ def test_drop_path_keeps_the_expectation():
     @nn.compact
     def __call__(self, y):
       return common.drop_path(self, y, 0.25, deterministic=False)
+
   y = jnp.ones((20000, 1, 1))
   out = Probe().apply({}, y, rngs={'dropout': jax.random.key(0)})
   values = np.unique(np.asarray(out))
@@ -623,22 +740,26 @@ def test_tiny_hybrid_forward_and_token_grid():
   resnet_cfg = {'num_layers': (1, 1), 'width_factor': 0.5}
   x = _images((1, 40, 56, 3))
   model, params = _init('testing', x, resnet=resnet_cfg, patches={'size': 1})
-  assert params['block2']['unit1']['conv_proj']['kernel'].shape == (
-      1, 1, 128, 256)
+  assert params['block2']['unit1']['conv_proj']['kernel'].shape == (1, 1, 128, 256)
   assert params['gn_root']['scale'].shape == (32,)
-  logits, inter = _run(model, params, x, return_intermediates=True)
+  logits, inter = _run(model, params, x, intermediates=True)
   assert logits.shape == (1, 10)
-  config = models.get_model_config('testing', resnet=resnet_cfg,
-                                   patches={'size': 1})
+  config = models.get_model_config('testing', resnet=resnet_cfg, patches={'size': 1})
   h, w = models.token_grid(config, (40, 56))
   assert inter['encoded'].shape[1] == 1 + h * w == 1 + 5 * 7
   assert models.pixels_per_token(config) == (8, 8)
 
 
-@pytest.mark.parametrize('name,size', [
-    ('R50+ViT-B_16', (384, 256)), ('R26+ViT-S_32', (100, 131)),
-    ('R+ViT-Ti_16', (224, 224)), ('ViT-B_16', (384, 200)),
-    ('Mixer-B_16', (100, 70))])
+@pytest.mark.parametrize(
+  'name,size',
+  [
+    ('R50+ViT-B_16', (384, 256)),
+    ('R26+ViT-S_32', (100, 131)),
+    ('R+ViT-Ti_16', (224, 224)),
+    ('ViT-B_16', (384, 200)),
+    ('Mixer-B_16', (100, 70)),
+  ],
+)
 def test_token_grid_matches_the_model(name, size):
   config = models.get_model_config(name)
   params, _ = _abstract(name, batch=1, image_size=size)
@@ -646,8 +767,7 @@ def test_token_grid_matches_the_model(name, size):
   if config.family == 'mixer':
     count = params['MixerBlock_0']['token_mixing']['Dense_0']['kernel'].shape[0]
   else:
-    count = params['Transformer']['posembed_input']['pos_embedding'].shape[
-        1] - 1
+    count = params['Transformer']['posembed_input']['pos_embedding'].shape[1] - 1
   assert count == h * w
 
 

@@ -1,30 +1,97 @@
-"""Building blocks shared by ViT and Mixer: MLP block, drop-path, layer stacks.
+"""What ViT and Mixer share: MLP block, drop-path, layer stacks, the token grid, intermediates.
 
-The layer stack runs either as a Python loop (one parameter subtree per layer,
-named `<name>_<i>` as in the released checkpoints) or as one `nn.scan` over
-stacked parameters (subtree `<name>` with a leading layer axis), which compiles
-deep models much faster. `mixer_vit.checkpoint` converts between the two.
+The layer stack runs either as a Python loop (one parameter subtree per layer, named `<name>_<i>`
+as in the released checkpoints) or as one `nn.scan` over stacked parameters (subtree `<name>` with
+a leading layer axis), which compiles deep models much faster. `mixer_vit.params_io` converts
+between the two.
+
+Intermediate outputs are sown into the 'intermediates' collection (flax `Module.sow`) and only
+when that collection is mutable; `apply_with_intermediates` runs a model that way and gathers
+them, stacked on a leading layer axis for both layer-stack variants.
 """
 
-from typing import Any, Callable
+from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+import re
+from typing import Any
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_vit import params_io
+from mixer_vit import sizes
+from mixer_vit.models import resnet
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
+INTERMEDIATES = 'intermediates'
+# What the models sow as the head's input, returned as 'pre_logits' by apply_with_intermediates
+# (the name 'pre_logits' itself belongs to the ViT's representation layer).
+HEAD_INPUT = 'head_input'
 
-def to_dtype(name_or_dtype) -> jnp.dtype:
+
+def to_dtype(name_or_dtype: Any) -> np.dtype:
   """Turns 'bfloat16' / jnp.bfloat16 / np.float32 into a numpy dtype."""
   try:
     return jnp.dtype(name_or_dtype)
   except TypeError as e:
-    raise ValueError(
-        f"Unknown dtype {name_or_dtype!r}; use e.g. 'float32' or 'bfloat16'."
-    ) from e
+    raise ValueError(f"Unknown dtype {name_or_dtype!r}; use e.g. 'float32' or 'bfloat16'.") from e
+
+
+def freeze(value: Any) -> Any:
+  """Nested dicts / ConfigDicts -> FrozenDict, lists -> tuples: hashable module fields."""
+  if hasattr(value, 'to_dict'):  # ml_collections.ConfigDict
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return flax.core.FrozenDict({k: freeze(v) for k, v in value.items()})
+  if isinstance(value, list):
+    return tuple(freeze(v) for v in value)
+  return value
+
+
+def freeze_fields(module: nn.Module, *names: str) -> None:
+  """Call from `__post_init__`: dict-valued fields frozen so the module stays hashable."""
+  for name in names:
+    object.__setattr__(module, name, freeze(getattr(module, name)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Token grid.
+
+
+def token_grid(config: Any, image_size: Any = None) -> tuple[int, int]:
+  """(rows, cols) of the tokens a model of `config` makes from an (H, W) image.
+
+  `image_size` defaults to the config's. ViT: patches of the image, or of the ResNet stem's
+  output for hybrids, partial patches dropped ('VALID'). Mixer: its stem pads ('SAME'), so
+  partial patches count.
+  """
+  h, w = sizes.pair(config.image_size if image_size is None else image_size, 'image_size')
+  ph, pw = sizes.pair(config.patches.size, 'patches.size')
+  if config.family == 'mixer':
+    return -(-h // ph), -(-w // pw)
+  if config.resnet is not None:
+    h = resnet.stem_output_size(h, config.resnet.num_layers)
+    w = resnet.stem_output_size(w, config.resnet.num_layers)
+  return h // ph, w // pw
+
+
+def pixels_per_token(config: Any) -> tuple[int, int]:
+  """Input pixels per token along (H, W): patch size times the ResNet stem's stride."""
+  ph, pw = sizes.pair(config.patches.size, 'patches.size')
+  if config.family == 'mixer' or config.resnet is None:
+    return ph, pw
+  stride = resnet.stem_stride(config.resnet.num_layers)
+  return ph * stride, pw * stride
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers.
 
 
 def drop_path_rates(stochastic_depth: float, num_layers: int) -> np.ndarray:
@@ -34,11 +101,11 @@ def drop_path_rates(stochastic_depth: float, num_layers: int) -> np.ndarray:
   return np.linspace(0.0, stochastic_depth, num_layers, dtype=np.float32)
 
 
-def drop_path(module: nn.Module, y: jax.Array, rate, deterministic: bool):
+def drop_path(module: nn.Module, y: jax.Array, rate: Any, deterministic: bool) -> jax.Array:
   """Drops whole residual branches per example (stochastic depth).
 
-  Kept branches are scaled by 1 / keep so the expectation is unchanged. `rate`
-  may be a traced scalar (it is scanned over layers).
+  Kept branches are scaled by 1 / keep so the expectation is unchanged. `rate` may be a traced
+  scalar (it is scanned over layers).
   """
   if deterministic:
     return y
@@ -60,9 +127,13 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
-    dense = lambda n: nn.Dense(  # noqa: E731
-        n, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, bias_init=self.bias_init)
+    dense = lambda n: nn.Dense(
+      n,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+    )
     out_dim = x.shape[-1]
     x = dense(self.mlp_dim)(x)
     x = nn.gelu(x, approximate=True)
@@ -71,50 +142,108 @@ class MlpBlock(nn.Module):
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
-def layer_stack(block_cls, x, *, num_layers: int, name: str, scan: bool,
-                remat: bool, stochastic_depth: float, **block_kwargs):
+def layer_stack(
+  block_cls: type[nn.Module],
+  x: jax.Array,
+  *,
+  num_layers: int,
+  name: str,
+  scan: bool,
+  remat: bool,
+  stochastic_depth: float,
+  **block_kwargs: Any,
+) -> jax.Array:
   """Applies `num_layers` blocks to `x`; call inside a compact method.
 
-  Each block is called as `block(x, drop_rate) -> (x, per_layer_output)`.
-
-  Returns:
-    (x, outputs) where `outputs` has the per-layer outputs stacked on a new
-    leading axis (None when the blocks return None).
+  Each block is called as `block(x, drop_rate) -> (x, None)` and sows its own intermediates;
+  under `scan` they come out stacked on a leading layer axis.
   """
   rates = drop_path_rates(stochastic_depth, num_layers)
   cls = nn.remat(block_cls, prevent_cse=not scan) if remat else block_cls
   if scan:
     stack = nn.scan(
-        cls,
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        in_axes=0,
-        length=num_layers)(name=name, **block_kwargs)
-    return stack(x, jnp.asarray(rates))
-  outputs = []
+      cls,
+      variable_axes={'params': 0, INTERMEDIATES: 0},
+      split_rngs={'params': True, 'dropout': True},
+      in_axes=0,
+      length=num_layers,
+    )(name=name, **block_kwargs)
+    x, _ = stack(x, jnp.asarray(rates))
+    return x
   for i in range(num_layers):
-    x, out = cls(name=f'{name}_{i}', **block_kwargs)(x, float(rates[i]))
-    outputs.append(out)
-  if not outputs or outputs[0] is None:
-    return x, None
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    x, _ = cls(name=f'{name}_{i}', **block_kwargs)(x, float(rates[i]))
+  return x
 
 
-def classifier_head(x, num_classes: int, head_bias_init: float,
-                    param_dtype: Dtype, name: str = 'head') -> jax.Array:
+def classifier_head(
+  x: jax.Array, num_classes: int, head_bias_init: float, param_dtype: Dtype, name: str = 'head'
+) -> jax.Array:
   """Zero-initialised linear classifier, computed in float32."""
   return nn.Dense(
-      num_classes,
-      dtype=jnp.float32,
-      param_dtype=param_dtype,
-      kernel_init=nn.initializers.zeros,
-      bias_init=nn.initializers.constant(head_bias_init),
-      name=name)(x)
+    num_classes,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    kernel_init=nn.initializers.zeros,
+    bias_init=nn.initializers.constant(head_bias_init),
+    name=name,
+  )(x)
 
 
-def check_images(images, family: str) -> None:
+def check_images(images: Any, family: str) -> None:
   if getattr(images, 'ndim', None) != 4:
     raise ValueError(
-        f'{family} expects images shaped (batch, height, width, channels), '
-        f'got shape {getattr(images, "shape", None)}.')
+      f'{family} expects images shaped (batch, height, width, channels), '
+      f'got shape {getattr(images, "shape", None)}.'
+    )
 
+
+# ------------------------------------------------------------------------------------------------
+# Intermediate outputs.
+
+# Sown by the models: per block 'blocks' (and 'attention' for ViT), once 'encoded', HEAD_INPUT.
+_ORDER = ('blocks', 'attention', 'encoded', HEAD_INPUT)
+_RETURNED_AS = {HEAD_INPUT: 'pre_logits'}
+_LAYER_INDEX = re.compile(r'_(\d+)$')
+
+
+def apply_with_intermediates(
+  model: nn.Module,
+  params: Mapping,
+  images: jax.Array,
+  *,
+  train: bool = False,
+  rngs: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs `model` and returns `(logits, intermediates)`; jittable.
+
+  `intermediates` holds 'blocks' (layers, B, T, D), each block's output; 'attention'
+  (layers, B, heads, T, T) for ViT, the attention weights (computed explicitly, so the logits
+  are those of the explicit attention path); 'encoded' (B, T, D), the tokens after the final
+  LayerNorm; and 'pre_logits', the input of the head. Same for `scan=True` models.
+  """
+  logits, state = model.apply(
+    {'params': params_io.unwrap(params)},
+    images,
+    train=train,
+    rngs=rngs or {},
+    mutable=INTERMEDIATES,
+  )
+  found: dict[str, Any] = {}
+  per_layer: dict[str, dict[int, Any]] = {}
+
+  def gather(tree: Mapping, parent: str) -> None:
+    for key, value in tree.items():
+      if isinstance(value, Mapping):
+        gather(value, key)
+        continue
+      value = value[0]  # `sow` keeps a tuple of the values of each call; there is one call.
+      layer = _LAYER_INDEX.search(parent)
+      if layer:  # A block of the per-layer loop (`<name>_<i>`).
+        per_layer.setdefault(key, {})[int(layer.group(1))] = value
+      else:  # The model itself, or the blocks of a scan (already stacked).
+        found[key] = value
+
+  gather(state.get(INTERMEDIATES, {}), '')
+  for key, layers in per_layer.items():
+    found[key] = jnp.stack([layers[i] for i in sorted(layers)])
+  return logits, {_RETURNED_AS.get(key, key): found[key] for key in _ORDER if key in found}

@@ -1,31 +1,45 @@
 """Named model configurations and the factory that turns them into modules.
 
-The names are those of the released checkpoints (gs://vit_models/...), plus
-`testing` / `testing-mixer` (tiny models for tests). The sizes, and the
-per-model default dropout, follow vit_jax/configs/models.py; the Mixer sizes
-missing there (S, H) follow Table 1 of the MLP-Mixer paper. As in the
-original list, no model has a `representation_size` by default: the
-ImageNet-21k ViT checkpoints carry a 768-wide `pre_logits` layer that
-`checkpoint.load_pretrained` drops (pass representation_size=768 to keep it).
+The names are those of the released checkpoints (gs://vit_models/...), plus `testing` /
+`testing-mixer` (tiny models for tests). The sizes, and the per-model default dropout, follow
+vit_jax/configs/models.py; the Mixer sizes missing there (S, H) follow Table 1 of the MLP-Mixer
+paper. As in the original list, no model has a `representation_size` by default: the
+ImageNet-21k ViT checkpoints carry a 768-wide `pre_logits` layer that `models.load_pretrained`
+drops (pass representation_size=768 to keep it).
+
+A config's keys are the module's fields (plus `name`, `family` and `image_size`), so
+`build_model` passes the config through: `patches.size`, `hidden_size`,
+`transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor}` (ViT);
+`num_blocks`, `tokens_mlp_dim`, `channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`,
+`dtype`, ... (both).
 """
 
-import collections.abc
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import ml_collections
 
+from mixer_vit import sizes
 from mixer_vit.models import common
 from mixer_vit.models import mixer
 from mixer_vit.models import vit
 
-_CONFIGS: Dict[str, Callable[[], ml_collections.ConfigDict]] = {}
-_ALIASES: Dict[str, str] = {}
+# Model family -> its module file (`Model`, and the checkpoint steps models.load_pretrained uses).
+FAMILIES = {'vit': vit, 'mixer': mixer}
+# Config keys that are no module field.
+_NOT_FIELDS = ('name', 'family', 'image_size')
 
-# Keys moved from `transformer.` to the top level (kept as accepted spellings).
+_CONFIGS: dict[str, Callable[[], ml_collections.ConfigDict]] = {}
+_ALIASES: dict[str, str] = {}
+
+# vit_jax kept the ViT dropout under `transformer.`; accepted as input, stored at the top level
+# (one key for ViT and Mixer).
 _KEY_ALIASES = {
-    'transformer.dropout_rate': 'dropout_rate',
-    'transformer.attention_dropout_rate': 'attention_dropout_rate',
+  'transformer.dropout_rate': 'dropout_rate',
+  'transformer.attention_dropout_rate': 'attention_dropout_rate',
 }
 
 
@@ -41,29 +55,29 @@ def _options(c: ml_collections.ConfigDict, dropout: float) -> None:
   c.scan = False
 
 
-def _vit(name, patch, hidden, mlp, heads, layers, dropout=0.0,
-         classifier='token', resnet=None) -> ml_collections.ConfigDict:
+def _vit(
+  name, patch, hidden, mlp, heads, layers, dropout=0.0, classifier='token', resnet=None
+) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = name
   c.family = 'vit'
   c.patches = ml_collections.ConfigDict({'size': (patch, patch)})
   c.hidden_size = hidden
   c.transformer = ml_collections.ConfigDict(
-      {'num_layers': layers, 'mlp_dim': mlp, 'num_heads': heads})
+    {'num_layers': layers, 'mlp_dim': mlp, 'num_heads': heads}
+  )
   c.classifier = classifier
   c.representation_size = None
   c.resnet = None
   if resnet is not None:
-    c.resnet = ml_collections.ConfigDict(
-        {'num_layers': tuple(resnet), 'width_factor': 1.0})
+    c.resnet = ml_collections.ConfigDict({'num_layers': tuple(resnet), 'width_factor': 1.0})
   _options(c, dropout)
   c.attention_dropout_rate = 0.0
   c.attention_impl = 'auto'
   return c
 
 
-def _mixer(name, patch, hidden, blocks, tokens_mlp,
-           channels_mlp) -> ml_collections.ConfigDict:
+def _mixer(name, patch, hidden, blocks, tokens_mlp, channels_mlp) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = name
   c.family = 'mixer'
@@ -76,8 +90,9 @@ def _mixer(name, patch, hidden, blocks, tokens_mlp,
   return c
 
 
-def _register(name: str, make: Callable[[], ml_collections.ConfigDict],
-              augreg_alias: bool = True) -> None:
+def _register(
+  name: str, make: Callable[[], ml_collections.ConfigDict], augreg_alias: bool = True
+) -> None:
   _CONFIGS[name] = make
   if augreg_alias:
     # AugReg file names: 'ViT-' dropped and '+' spelled '_' ('R26_S_32').
@@ -86,46 +101,49 @@ def _register(name: str, make: Callable[[], ml_collections.ConfigDict],
 
 # Widths: (hidden, mlp, heads, layers).
 _VIT_SIZES = {
-    'Ti': (192, 768, 3, 12),
-    'S': (384, 1536, 6, 12),
-    'B': (768, 3072, 12, 12),
-    'L': (1024, 4096, 16, 24),
-    'H': (1280, 5120, 16, 32),
+  'Ti': (192, 768, 3, 12),
+  'S': (384, 1536, 6, 12),
+  'B': (768, 3072, 12, 12),
+  'L': (1024, 4096, 16, 24),
+  'H': (1280, 5120, 16, 32),
 }
 # Default dropout of the original configs (used when fine-tuning).
 _VIT_MODELS = {
-    # name: (size, patch, dropout)
-    'ViT-Ti_16': ('Ti', 16, 0.0),
-    'ViT-S_16': ('S', 16, 0.0),
-    'ViT-B_16': ('B', 16, 0.0),
-    'ViT-L_16': ('L', 16, 0.1),
-    'ViT-H_14': ('H', 14, 0.1),
-    'ViT-B_8': ('B', 8, 0.0),
-    'ViT-S_32': ('S', 32, 0.0),
-    'ViT-B_32': ('B', 32, 0.0),
-    'ViT-L_32': ('L', 32, 0.0),
+  # name: (size, patch, dropout)
+  'ViT-Ti_16': ('Ti', 16, 0.0),
+  'ViT-S_16': ('S', 16, 0.0),
+  'ViT-B_16': ('B', 16, 0.0),
+  'ViT-L_16': ('L', 16, 0.1),
+  'ViT-H_14': ('H', 14, 0.1),
+  'ViT-B_8': ('B', 8, 0.0),
+  'ViT-S_32': ('S', 32, 0.0),
+  'ViT-B_32': ('B', 32, 0.0),
+  'ViT-L_32': ('L', 32, 0.0),
 }
 _GAP_NOREP = ('ViT-S_16', 'ViT-S_32', 'ViT-B_16', 'ViT-B_32')
 # name: (size, patch after the stem, dropout, resnet stages)
 _HYBRIDS = {
-    'R+ViT-Ti_16': ('Ti', 8, 0.0, ()),
-    'R26+ViT-S_32': ('S', 1, 0.0, (2, 2, 2, 2)),
-    'R26+ViT-B_32': ('B', 1, 0.0, (2, 2, 2, 2)),
-    'R50+ViT-B_16': ('B', 1, 0.1, (3, 4, 9)),
-    'R50+ViT-L_32': ('L', 1, 0.1, (3, 4, 6, 3)),
+  'R+ViT-Ti_16': ('Ti', 8, 0.0, ()),
+  'R26+ViT-S_32': ('S', 1, 0.0, (2, 2, 2, 2)),
+  'R26+ViT-B_32': ('B', 1, 0.0, (2, 2, 2, 2)),
+  'R50+ViT-B_16': ('B', 1, 0.1, (3, 4, 9)),
+  'R50+ViT-L_32': ('L', 1, 0.1, (3, 4, 6, 3)),
 }
 # Mixer sizes: (hidden, blocks, tokens_mlp, channels_mlp).
 _MIXER_SIZES = {
-    'S': (512, 8, 256, 2048),
-    'B': (768, 12, 384, 3072),
-    'L': (1024, 24, 512, 4096),
-    'H': (1280, 32, 640, 5120),
+  'S': (512, 8, 256, 2048),
+  'B': (768, 12, 384, 3072),
+  'L': (1024, 24, 512, 4096),
+  'H': (1280, 32, 640, 5120),
 }
 _MIXER_MODELS = {
-    'Mixer-S_16': ('S', 16), 'Mixer-S_32': ('S', 32),
-    'Mixer-B_16': ('B', 16), 'Mixer-B_32': ('B', 32),
-    'Mixer-L_16': ('L', 16), 'Mixer-L_32': ('L', 32),
-    'Mixer-H_14': ('H', 14),
+  'Mixer-S_16': ('S', 16),
+  'Mixer-S_32': ('S', 32),
+  'Mixer-B_16': ('B', 16),
+  'Mixer-B_32': ('B', 32),
+  'Mixer-L_16': ('L', 16),
+  'Mixer-L_32': ('L', 32),
+  'Mixer-H_14': ('H', 14),
 }
 
 
@@ -147,25 +165,35 @@ def _populate() -> None:
   _register('testing', _testing, augreg_alias=False)
   _register('testing-mixer', _testing_mixer, augreg_alias=False)
   for name, (size, patch, dropout) in _VIT_MODELS.items():
-    _register(name, lambda n=name, s=size, p=patch, d=dropout: _vit(
-        n, p, *_VIT_SIZES[s], dropout=d))
+    _register(
+      name, lambda n=name, s=size, p=patch, d=dropout: _vit(n, p, *_VIT_SIZES[s], dropout=d)
+    )
   for base in _GAP_NOREP:
     size, patch, dropout = _VIT_MODELS[base]
     name = base + '-gap-norep'
-    _register(name, lambda n=name, s=size, p=patch, d=dropout: _vit(
-        n, p, *_VIT_SIZES[s], dropout=d, classifier='gap'))
+    _register(
+      name,
+      lambda n=name, s=size, p=patch, d=dropout: _vit(
+        n, p, *_VIT_SIZES[s], dropout=d, classifier='gap'
+      ),
+    )
   for name, (size, patch, dropout, stages) in _HYBRIDS.items():
-    _register(name, lambda n=name, s=size, p=patch, d=dropout, r=stages: _vit(
-        n, p, *_VIT_SIZES[s], dropout=d, resnet=r))
+    _register(
+      name,
+      lambda n=name, s=size, p=patch, d=dropout, r=stages: _vit(
+        n, p, *_VIT_SIZES[s], dropout=d, resnet=r
+      ),
+    )
   for name, (size, patch) in _MIXER_MODELS.items():
-    _register(name, lambda n=name, s=size, p=patch: _mixer(
-        n, p, *_MIXER_SIZES[s]), augreg_alias=False)
+    _register(
+      name, lambda n=name, s=size, p=patch: _mixer(n, p, *_MIXER_SIZES[s]), augreg_alias=False
+    )
 
 
 _populate()
 
 
-def list_models(include_aliases: bool = False) -> List[str]:
+def list_models(include_aliases: bool = False) -> list[str]:
   """Registered model names (optionally with the AugReg short names)."""
   names = list(_CONFIGS)
   if include_aliases:
@@ -180,22 +208,14 @@ def resolve_name(name: str) -> str:
   if name in _ALIASES:
     return _ALIASES[name]
   raise ValueError(
-      f'Unknown model {name!r}. Known models: {", ".join(_CONFIGS)}. '
-      f'AugReg short names: {", ".join(_ALIASES)}.')
-
-
-def _as_pair(value, key: str) -> Tuple[int, int]:
-  if isinstance(value, int):
-    return (value, value)
-  if (isinstance(value, collections.abc.Sequence) and len(value) == 2 and
-      all(isinstance(v, int) for v in value)):
-    return tuple(value)
-  raise ValueError(f'{key} must be an int or a pair of ints, got {value!r}.')
+    f'Unknown model {name!r}. Known models: {", ".join(_CONFIGS)}. '
+    f'AugReg short names: {", ".join(_ALIASES)}.'
+  )
 
 
 def _normalise(key: str, value: Any) -> Any:
   if key in ('image_size', 'patches.size'):
-    return _as_pair(value, key)
+    return sizes.pair(value, key)
   if key in ('dtype', 'param_dtype'):
     return common.to_dtype(value).name
   if key == 'resnet.num_layers':
@@ -203,7 +223,7 @@ def _normalise(key: str, value: Any) -> Any:
   return value
 
 
-def _flatten_overrides(overrides: Dict[str, Any], prefix: str = ''):
+def _flatten_overrides(overrides: dict[str, Any], prefix: str = ''):
   for key, value in overrides.items():
     full = prefix + key
     if isinstance(value, (dict, ml_collections.ConfigDict)) and full != 'resnet':
@@ -212,33 +232,43 @@ def _flatten_overrides(overrides: Dict[str, Any], prefix: str = ''):
       yield full, value
 
 
-def _apply_override(config: ml_collections.ConfigDict, key: str, value) -> None:
+def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
+  if value is not None:
+    value = dict(value)
+    unknown = set(value) - {'num_layers', 'width_factor'}
+    if unknown or 'num_layers' not in value:
+      raise ValueError(
+        'resnet must be None or a dict with num_layers (tuple) and width_factor (float), '
+        f'got {value!r}.'
+      )
+    value = ml_collections.ConfigDict(
+      {
+        'num_layers': tuple(value['num_layers']),
+        'width_factor': float(value.get('width_factor', 1.0)),
+      }
+    )
+  with config.unlocked():
+    config.resnet = value
+
+
+def _apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   key = _KEY_ALIASES.get(key, key)
+  if key == 'resnet' and config.family == 'vit':
+    _set_resnet(config, value)
+    return
   *parents, leaf = key.split('.')
   node = config
-  for i, part in enumerate(parents):
+  for part in parents:
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
       if part == 'resnet' and node is config and config.family == 'vit':
         raise ValueError(
-            f'{config.name} has no ResNet stem; set resnet={{"num_layers": '
-            f'(...), "width_factor": 1.0}} as a whole instead of {key!r}.')
+          f'{config.name} has no ResNet stem; set resnet={{"num_layers": '
+          f'(...), "width_factor": 1.0}} as a whole instead of {key!r}.'
+        )
       raise ValueError(_unknown_key_message(config, key))
     node = node[part]
   if leaf not in node:
     raise ValueError(_unknown_key_message(config, key))
-  if key == 'resnet':
-    if value is not None:
-      value = dict(value)
-      unknown = set(value) - {'num_layers', 'width_factor'}
-      if unknown or 'num_layers' not in value:
-        raise ValueError('resnet must be None or a dict with num_layers '
-                         f'(tuple) and width_factor (float), got {value!r}.')
-      value = ml_collections.ConfigDict({
-          'num_layers': tuple(value['num_layers']),
-          'width_factor': float(value.get('width_factor', 1.0))})
-    with config.unlocked():
-      config.resnet = value
-    return
   value = _normalise(key, value)
   try:
     node[leaf] = value
@@ -246,7 +276,7 @@ def _apply_override(config: ml_collections.ConfigDict, key: str, value) -> None:
     raise ValueError(f'Bad type for {key}={value!r}: {e}') from e
 
 
-def _all_keys(config, prefix=''):
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = ''):
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
       yield from _all_keys(value, prefix + key + '.')
@@ -254,18 +284,19 @@ def _all_keys(config, prefix=''):
       yield prefix + key
 
 
-def _unknown_key_message(config, key) -> str:
-  return (f'Unknown config key {key!r} for {config.name} ({config.family}). '
-          f'Known keys: {", ".join(sorted(_all_keys(config)))}.')
+def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
+  return (
+    f'Unknown config key {key!r} for {config.name} ({config.family}). '
+    f'Known keys: {", ".join(sorted(_all_keys(config)))}.'
+  )
 
 
-def get_model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The config of model `name` with `overrides` applied.
 
-  Overrides are keyed by config key; nested keys either dotted
-  (`**{'transformer.num_layers': 2}`) or as nested dicts
-  (`transformer={'num_layers': 2}`). Unknown keys raise a ValueError.
-  The result is locked (new keys cannot be added by mistake).
+  Overrides are keyed by config key; nested keys either dotted (`**{'transformer.num_layers': 2}`)
+  or as nested dicts (`transformer={'num_layers': 2}`). Unknown keys raise a ValueError. The
+  result is locked (new keys cannot be added by mistake).
   """
   config = _CONFIGS[resolve_name(name)]()
   config.lock()
@@ -277,82 +308,42 @@ def get_model_config(name: str, **overrides) -> ml_collections.ConfigDict:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first inconsistent setting."""
+  if config.family not in FAMILIES:
+    raise ValueError(f"family must be 'vit' or 'mixer', got {config.family!r}.")
   if config.family == 'vit':
     if config.classifier not in vit.CLASSIFIERS:
-      raise ValueError(f'classifier must be one of {vit.CLASSIFIERS}, got '
-                       f'{config.classifier!r}.')
+      raise ValueError(f'classifier must be one of {vit.CLASSIFIERS}, got {config.classifier!r}.')
     if config.hidden_size % config.transformer.num_heads:
       raise ValueError(
-          f'hidden_size {config.hidden_size} is not divisible by '
-          f'transformer.num_heads {config.transformer.num_heads}.')
+        f'hidden_size {config.hidden_size} is not divisible by '
+        f'transformer.num_heads {config.transformer.num_heads}.'
+      )
     if config.attention_impl not in vit.ATTENTION_IMPLS:
       raise ValueError(f'attention_impl must be one of {vit.ATTENTION_IMPLS}.')
-  elif config.family != 'mixer':
-    raise ValueError(f"family must be 'vit' or 'mixer', got {config.family!r}.")
   for key in ('dropout_rate', 'stochastic_depth'):
     if not 0.0 <= config[key] < 1.0:
       raise ValueError(f'{key} must be in [0, 1), got {config[key]}.')
 
 
+def family(config: ml_collections.ConfigDict):
+  """The module file of the config's model family (`vit` or `mixer`)."""
+  if config.family not in FAMILIES:
+    raise ValueError(f"family must be 'vit' or 'mixer', got {config.family!r}.")
+  return FAMILIES[config.family]
+
+
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The flax module described by `config` (from get_model_config)."""
+  """The flax module described by `config` (from get_model_config): its keys are the fields."""
   validate_config(config)
-  shared = dict(
-      num_classes=config.num_classes or 0,
-      patch_size=tuple(config.patches.size),
-      hidden_size=config.hidden_size,
-      head_bias_init=config.head_bias_init,
-      dropout_rate=config.dropout_rate,
-      stochastic_depth=config.stochastic_depth,
-      remat=config.remat,
-      scan=config.scan,
-      dtype=common.to_dtype(config.dtype),
-      param_dtype=common.to_dtype(config.param_dtype),
-  )
-  if config.family == 'mixer':
-    return mixer.MlpMixer(
-        num_blocks=config.num_blocks, tokens_mlp_dim=config.tokens_mlp_dim,
-        channels_mlp_dim=config.channels_mlp_dim, **shared)
-  resnet = config.resnet
-  return vit.VisionTransformer(
-      num_layers=config.transformer.num_layers,
-      mlp_dim=config.transformer.mlp_dim,
-      num_heads=config.transformer.num_heads,
-      classifier=config.classifier,
-      representation_size=config.representation_size,
-      resnet_layers=None if resnet is None else tuple(resnet.num_layers),
-      resnet_width_factor=1.0 if resnet is None else resnet.width_factor,
-      attention_dropout_rate=config.attention_dropout_rate,
-      attention_impl=config.attention_impl,
-      **shared)
+  fields = {key: value for key, value in config.items() if key not in _NOT_FIELDS}
+  return family(config).Model(**fields)
 
 
-def get_model(name: str, num_classes: Optional[int] = None,
-              **overrides) -> nn.Module:
+def get_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn.Module:
   """`build_model(get_model_config(name, num_classes=..., **overrides))`."""
   if num_classes is not None:
     overrides['num_classes'] = num_classes
   return build_model(get_model_config(name, **overrides))
-
-
-def token_grid(config: ml_collections.ConfigDict, image_size=None):
-  """(rows, cols) of the token grid for an (H, W) image (default: config's)."""
-  size = _as_pair(config.image_size if image_size is None else image_size,
-                  'image_size')
-  patch = tuple(config.patches.size)
-  if config.family == 'mixer':
-    return mixer.token_grid(size, patch)
-  resnet = None if config.resnet is None else tuple(config.resnet.num_layers)
-  return vit.token_grid(size, patch, resnet)
-
-
-def pixels_per_token(config: ml_collections.ConfigDict) -> Tuple[int, int]:
-  """Input pixels per token along (H, W): patch size times stem stride."""
-  patch = tuple(config.patches.size)
-  if config.family == 'mixer':
-    return patch
-  resnet = None if config.resnet is None else tuple(config.resnet.num_layers)
-  return vit.total_stride(patch, resnet)
 
 
 def num_layers(config: ml_collections.ConfigDict) -> int:

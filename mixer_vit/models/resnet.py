@@ -2,14 +2,20 @@
 
 Weight-standardised convolutions followed by GroupNorm (32 groups), bottleneck
 units. Module names (`conv_root`, `gn_root`, `block1/unit1/conv1`, `gn1`, ...,
-`conv_proj`, `gn_proj`) are those of the released hybrid checkpoints.
+`conv_proj`, `gn_proj`) are those of the released hybrid checkpoints;
+`fix_group_norm` adapts the GroupNorm shapes of older hybrid files.
 """
 
-from typing import Any, Sequence, Tuple
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import re
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -28,41 +34,51 @@ class StdConv(nn.Module):
   """Bias-free 'SAME' convolution with weight standardisation."""
 
   features: int
-  kernel_size: Tuple[int, int]
-  strides: Tuple[int, int] = (1, 1)
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param(
-        'kernel', nn.initializers.lecun_normal(),
-        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+      'kernel',
+      nn.initializers.lecun_normal(),
+      (*self.kernel_size, x.shape[-1], self.features),
+      self.param_dtype,
+    )
     kernel = standardize(kernel.astype(jnp.float32)).astype(self.dtype)
     return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, window_strides=self.strides,
-        padding='SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x.astype(self.dtype),
+      kernel,
+      window_strides=self.strides,
+      padding='SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
 
 
 def _group_norm(name, dtype, param_dtype, **kw):
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype,
-                      param_dtype=param_dtype, name=name, **kw)
+  return nn.GroupNorm(
+    num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name, **kw
+  )
 
 
 class ResidualUnit(nn.Module):
   """Bottleneck unit: 1x1 -> 3x3 (strided) -> 1x1 (4x wider), projection."""
 
   features: int
-  strides: Tuple[int, int] = (1, 1)
+  strides: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, s, name: StdConv(  # noqa: E731
-        f, k, s, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      f, k, s, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     gn = lambda name, **kw: _group_norm(  # noqa: E731
-        name, self.dtype, self.param_dtype, **kw)
+      name, self.dtype, self.param_dtype, **kw
+    )
 
     residual = x
     if x.shape[-1] != 4 * self.features or self.strides != (1, 1):
@@ -72,7 +88,8 @@ class ResidualUnit(nn.Module):
     y = nn.relu(gn('gn1')(conv(self.features, (1, 1), (1, 1), 'conv1')(x)))
     y = nn.relu(gn('gn2')(conv(self.features, (3, 3), self.strides, 'conv2')(y)))
     y = gn('gn3', scale_init=nn.initializers.zeros)(
-        conv(4 * self.features, (1, 1), (1, 1), 'conv3')(y))
+      conv(4 * self.features, (1, 1), (1, 1), 'conv3')(y)
+    )
     return nn.relu(residual + y)
 
 
@@ -81,7 +98,7 @@ class ResNetStage(nn.Module):
 
   num_units: int
   features: int
-  first_stride: Tuple[int, int]
+  first_stride: tuple[int, int]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -89,14 +106,18 @@ class ResNetStage(nn.Module):
   def __call__(self, x):
     for i in range(self.num_units):
       x = ResidualUnit(
-          self.features, self.first_stride if i == 0 else (1, 1),
-          dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f'unit{i + 1}')(x)
+        self.features,
+        self.first_stride if i == 0 else (1, 1),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f'unit{i + 1}',
+      )(x)
     return x
 
 
-def resnet_stem(x, *, num_layers: Sequence[int], width_factor: float,
-                dtype: Dtype, param_dtype: Dtype):
+def resnet_stem(
+  x, *, num_layers: Sequence[int], width_factor: float, dtype: Dtype, param_dtype: Dtype
+):
   """Root conv + max-pool + stages; call inside the parent's compact method.
 
   The modules are created in the caller's scope so the parameters sit at the
@@ -104,14 +125,18 @@ def resnet_stem(x, *, num_layers: Sequence[int], width_factor: float,
   released checkpoints.
   """
   width = int(64 * width_factor)
-  x = StdConv(width, (7, 7), (2, 2), dtype=dtype, param_dtype=param_dtype,
-              name='conv_root')(x)
+  x = StdConv(width, (7, 7), (2, 2), dtype=dtype, param_dtype=param_dtype, name='conv_root')(x)
   x = nn.relu(_group_norm('gn_root', dtype, param_dtype)(x))
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, num_units in enumerate(num_layers):
     x = ResNetStage(
-        num_units, width * 2**i, (1, 1) if i == 0 else (2, 2),
-        dtype=dtype, param_dtype=param_dtype, name=f'block{i + 1}')(x)
+      num_units,
+      width * 2**i,
+      (1, 1) if i == 0 else (2, 2),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=f'block{i + 1}',
+    )(x)
   return x
 
 
@@ -125,3 +150,24 @@ def stem_output_size(size: int, num_layers: Sequence[int]) -> int:
   for _ in range(2 + max(len(num_layers) - 1, 0)):
     size = -(-size // 2)
   return size
+
+
+# GroupNorm modules of the stem: `gn_root`, `gn1`..`gn3`, `gn_proj`.
+_GROUP_NORM = re.compile(r'^gn(\d+|_root|_proj)$')
+
+
+def fix_group_norm(params: Mapping) -> dict[str, Any]:
+  """GroupNorm scale/bias of older hybrid checkpoints, shaped (1, 1, 1, C), become (C,)."""
+
+  def fix(tree: Mapping, parent: str) -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, Mapping):
+        out[key] = fix(value, key)
+      elif _GROUP_NORM.match(parent) and key in ('scale', 'bias'):
+        out[key] = np.reshape(value, (-1,))
+      else:
+        out[key] = value
+    return out
+
+  return fix(params, '')

@@ -1,21 +1,36 @@
-"""Vision Transformer (and R+ViT hybrids) as a flax.linen module.
+"""Vision Transformer (and R+ViT hybrids) as a flax.linen module, and loading its checkpoints.
 
 Parameter names and shapes are those of the released `.npz` checkpoints
-(google-research/vision_transformer): `embedding`, `cls`,
-`Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_<i>/`
-{`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`},
-`Transformer/encoder_norm`, `pre_logits`, `head`. Numerics follow that code:
-LayerNorm eps 1e-6, tanh-approximated GELU, attention logits scaled by
-1/sqrt(head_dim), pre-norm residual blocks.
+(google-research/vision_transformer): `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
+`Transformer/encoderblock_<i>/` {`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
+`MlpBlock_3`}, `Transformer/encoder_norm`, `pre_logits`, `head`. Numerics follow that code:
+LayerNorm eps 1e-6, tanh-approximated GELU, attention logits scaled by 1/sqrt(head_dim), pre-norm
+residual blocks.
+
+The module's fields are the model config's keys (vit_jax layout): `patches={'size': (16, 16)}`,
+`transformer={'num_layers': 12, 'mlp_dim': 3072, 'num_heads': 12}`, `resnet=None` or
+`{'num_layers': (3, 4, 9), 'width_factor': 1.0}`, ...
+
+The second half adapts checkpoints to the model (used by `models.load_pretrained` /
+`load_params`): position embeddings resized to a new grid, the class token, pre_logits and MAP
+heads, and older file variants.
 """
 
-from typing import Any, Optional, Tuple
+from __future__ import annotations
+
+from collections.abc import Mapping
+import logging
+import re
+from typing import Any
 
 import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mixer_vit import params_io
+from mixer_vit import sizes
 from mixer_vit.models import common
 from mixer_vit.models import resnet
 
@@ -28,8 +43,8 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'explicit')
 def _fused_attention(q, k, v, implementation: str):
   """softmax(q k^T / sqrt(d)) v through jax.nn.dot_product_attention.
 
-  'auto' uses cuDNN flash attention on GPU for half-precision inputs and
-  falls back to the XLA implementation when cuDNN rejects the shapes.
+  'auto' uses cuDNN flash attention on GPU for half-precision inputs and falls back to the XLA
+  implementation when cuDNN rejects the shapes.
   """
   if implementation == 'auto':
     half = q.dtype in (jnp.bfloat16, jnp.float16)
@@ -45,10 +60,10 @@ def _fused_attention(q, k, v, implementation: str):
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the parameter layout of flax's original MHA.
 
-  query/key/value kernels are (D, heads, head_dim), the output kernel is
-  (heads, head_dim, D). Returns (output, weights); weights (B, heads, Tq, Tk)
-  are only computed (explicitly) when `return_weights` is set, and the
-  explicit path is also used for attention dropout during training.
+  query/key/value kernels are (D, heads, head_dim), the output kernel is (heads, head_dim, D).
+  Returns (output, weights); weights (B, heads, Tq, Tk) are only computed (explicitly) when
+  `return_weights` is set, and the explicit path is also used for attention dropout during
+  training.
   """
 
   num_heads: int
@@ -64,13 +79,16 @@ class MultiHeadDotProductAttention(nn.Module):
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     features = inputs_q.shape[-1]
     if features % self.num_heads:
-      raise ValueError(f'hidden size {features} is not divisible by '
-                       f'num_heads={self.num_heads}.')
+      raise ValueError(f'hidden size {features} is not divisible by num_heads={self.num_heads}.')
     head_dim = features // self.num_heads
-    dense = lambda name: nn.DenseGeneral(  # noqa: E731
-        features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name=name)
+    dense = lambda name: nn.DenseGeneral(
+      features=(self.num_heads, head_dim),
+      axis=-1,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      name=name,
+    )
     q = dense('query')(inputs_q)
     k = dense('key')(inputs_kv)
     v = dense('value')(inputs_kv)
@@ -81,29 +99,41 @@ class MultiHeadDotProductAttention(nn.Module):
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       weights = weights.astype(self.dtype)
-      used = nn.Dropout(rate=self.dropout_rate)(
-          weights, deterministic=not use_dropout)
+      used = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=not use_dropout)
       out = jnp.einsum('bhqk,bkhd->bqhd', used, v)
     else:
       out = _fused_attention(q, k, v, self.implementation)
       weights = None
 
     out = nn.DenseGeneral(
-        features=features, axis=(-2, -1), dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(), name='out')(out)
+      features=features,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      name='out',
+    )(out)
     return out, (weights if self.return_weights else None)
 
 
 def _vit_mlp(mlp_dim, dropout_rate, dtype, param_dtype, name=None):
   return common.MlpBlock(
-      mlp_dim, dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.initializers.xavier_uniform(),
-      bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    mlp_dim,
+    dropout_rate=dropout_rate,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.initializers.xavier_uniform(),
+    bias_init=nn.initializers.normal(stddev=1e-6),
+    name=name,
+  )
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x))."""
+  """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x)).
+
+  Sows its output ('blocks') and, computing them explicitly, its attention weights ('attention')
+  when the 'intermediates' collection is mutable.
+  """
 
   mlp_dim: int
   num_heads: int
@@ -111,33 +141,41 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   use_drop_path: bool = False
   deterministic: bool = True
-  collect: bool = False
   attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, drop_rate):
-    norm = lambda name: nn.LayerNorm(  # noqa: E731
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
+    norm = lambda name: nn.LayerNorm(
+      epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     skip_drop_path = self.deterministic or not self.use_drop_path
+    collect = self.is_mutable_collection(common.INTERMEDIATES)
 
     y = norm('LayerNorm_0')(x)
     y, weights = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        deterministic=self.deterministic, return_weights=self.collect,
-        implementation=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_1')(y)
+      num_heads=self.num_heads,
+      dropout_rate=self.attention_dropout_rate,
+      deterministic=self.deterministic,
+      return_weights=collect,
+      implementation=self.attention_impl,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='MultiHeadDotProductAttention_1',
+    )(y)
+    if collect:
+      self.sow(common.INTERMEDIATES, 'attention', weights)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=self.deterministic)
     x = x + common.drop_path(self, y, drop_rate, skip_drop_path)
 
     y = norm('LayerNorm_2')(x)
-    y = _vit_mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
-                 name='MlpBlock_3')(y, deterministic=self.deterministic)
+    y = _vit_mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name='MlpBlock_3')(
+      y, deterministic=self.deterministic
+    )
     x = x + common.drop_path(self, y, drop_rate, skip_drop_path)
-    return x, ((x, weights) if self.collect else None)
+    self.sow(common.INTERMEDIATES, 'blocks', x)
+    return x, None
 
 
 class Encoder(nn.Module):
@@ -156,23 +194,31 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, collect: bool = False):
+  def __call__(self, x, *, train: bool):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
     x = x.astype(self.dtype)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x, per_layer = common.layer_stack(
-        EncoderBlock, x, num_layers=self.num_layers, name='encoderblock',
-        scan=self.scan, remat=self.remat,
-        stochastic_depth=self.stochastic_depth,
-        mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
-        use_drop_path=self.stochastic_depth > 0, deterministic=not train,
-        collect=collect, attention_impl=self.attention_impl, dtype=self.dtype,
-        param_dtype=self.param_dtype)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='encoder_norm')(x)
-    return x, per_layer
+    x = common.layer_stack(
+      EncoderBlock,
+      x,
+      num_layers=self.num_layers,
+      name='encoderblock',
+      scan=self.scan,
+      remat=self.remat,
+      stochastic_depth=self.stochastic_depth,
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      use_drop_path=self.stochastic_depth > 0,
+      deterministic=not train,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    return nn.LayerNorm(
+      epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm'
+    )(x)
 
 
 class AddPositionEmbs(nn.Module):
@@ -184,14 +230,12 @@ class AddPositionEmbs(nn.Module):
   def __call__(self, x):
     shape = (1, x.shape[1], x.shape[2])
     try:
-      pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
-                      shape, self.param_dtype)
+      pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
     except flax.errors.ScopeParamShapeError as e:
       raise ValueError(
-          f'The input gives {x.shape[1]} tokens but the position embedding '
-          f'was made for a different count ({e}). Feed images of the '
-          'resolution the parameters were made for, or adapt them with '
-          'mixer_vit.checkpoint.load_pretrained (which resizes the grid).'
+        f'The input gives {x.shape[1]} tokens but the position embedding was made for a '
+        f'different count ({e}). Feed images of the resolution the parameters were made for, '
+        'or adapt them with mixer_vit.models.load_pretrained (which resizes the grid).'
       ) from e
     return x + pe.astype(x.dtype)
 
@@ -207,41 +251,40 @@ class MAPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    probe = self.param('probe', nn.initializers.xavier_uniform(),
-                       (1, 1, x.shape[-1]), self.param_dtype)
+    probe = self.param(
+      'probe', nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]), self.param_dtype
+    )
     probe = jnp.tile(probe.astype(x.dtype), [x.shape[0], 1, 1])
     y, _ = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, implementation=self.attention_impl,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        name='MultiHeadDotProductAttention_0')(probe, x)
-    z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='LayerNorm_0')(y)
-    y = y + _vit_mlp(self.mlp_dim, 0.0, self.dtype, self.param_dtype,
-                     name='MlpBlock_0')(z)
+      num_heads=self.num_heads,
+      implementation=self.attention_impl,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name='MultiHeadDotProductAttention_0',
+    )(probe, x)
+    z = nn.LayerNorm(
+      epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name='LayerNorm_0'
+    )(y)
+    y = y + _vit_mlp(self.mlp_dim, 0.0, self.dtype, self.param_dtype, name='MlpBlock_0')(z)
     return y[:, 0]
 
 
 class VisionTransformer(nn.Module):
-  """ViT classifier; `resnet_layers` set makes it an R+ViT hybrid.
+  """ViT classifier; `resnet` set makes it an R+ViT hybrid.
 
-  Call as `apply({'params': p}, images, train=bool)` with images
-  (B, H, W, 3) in [-1, 1]. Returns float32 logits (B, num_classes) — or
-  (B, tokens, num_classes) for the 'unpooled' classifiers — and, with
-  `return_intermediates=True`, also a dict with 'blocks' (layers, B, T, D),
-  'attention' (layers, B, heads, T, T), 'encoded' (B, T, D) and
-  'pre_logits'.
+  Call as `apply({'params': p}, images, train=bool)` with images (B, H, W, 3) in [-1, 1].
+  Returns float32 logits (B, num_classes), or (B, tokens, num_classes) for the 'unpooled'
+  classifiers. `models.apply_with_intermediates` also returns the blocks' outputs and attention
+  weights.
   """
 
-  num_classes: int
-  patch_size: Tuple[int, int]
+  num_classes: int | None
+  patches: Mapping[str, Any]  # {'size': (ph, pw)}
   hidden_size: int
-  num_layers: int
-  mlp_dim: int
-  num_heads: int
+  transformer: Mapping[str, Any]  # {'num_layers': ..., 'mlp_dim': ..., 'num_heads': ...}
+  resnet: Mapping[str, Any] | None = None  # {'num_layers': (3, 4, 9), 'width_factor': 1.0}
   classifier: str = 'token'
-  representation_size: Optional[int] = None
-  resnet_layers: Optional[Tuple[int, ...]] = None
-  resnet_width_factor: float = 1.0
+  representation_size: int | None = None
   head_bias_init: float = 0.0
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -249,91 +292,264 @@ class VisionTransformer(nn.Module):
   attention_impl: str = 'auto'
   remat: bool = False
   scan: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  dtype: Dtype = 'float32'
+  param_dtype: Dtype = 'float32'
+
+  def __post_init__(self):
+    common.freeze_fields(self, 'patches', 'transformer', 'resnet')
+    super().__post_init__()
 
   def _check_options(self):
     if self.classifier not in CLASSIFIERS:
-      raise ValueError(f'Unknown classifier {self.classifier!r}; choose one '
-                       f'of {CLASSIFIERS}.')
+      raise ValueError(f'Unknown classifier {self.classifier!r}; choose one of {CLASSIFIERS}.')
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'Unknown attention_impl {self.attention_impl!r}; '
-                       f'choose one of {ATTENTION_IMPLS}.')
+      raise ValueError(
+        f'Unknown attention_impl {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}.'
+      )
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False,
-               return_intermediates: bool = False):
+  def __call__(self, images, *, train: bool = False):
     self._check_options()
     common.check_images(images, 'VisionTransformer')
+    dtype, param_dtype = common.to_dtype(self.dtype), common.to_dtype(self.param_dtype)
+    patch = sizes.pair(self.patches['size'], 'patches.size')
     x = images
-    if self.resnet_layers is not None:
+    if self.resnet is not None:
       x = resnet.resnet_stem(
-          x, num_layers=self.resnet_layers,
-          width_factor=self.resnet_width_factor, dtype=self.dtype,
-          param_dtype=self.param_dtype)
+        x,
+        num_layers=tuple(self.resnet['num_layers']),
+        width_factor=self.resnet.get('width_factor', 1.0),
+        dtype=dtype,
+        param_dtype=param_dtype,
+      )
 
-    x = nn.Conv(self.hidden_size, self.patch_size, strides=self.patch_size,
-                padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='embedding')(x)
+    x = nn.Conv(
+      self.hidden_size,
+      patch,
+      strides=patch,
+      padding='VALID',
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name='embedding',
+    )(x)
     n, h, w, c = x.shape
     if h * w == 0:
-      raise ValueError(f'Images of shape {images.shape} are smaller than one '
-                       f'patch ({self.patch_size}).')
+      raise ValueError(f'Images of shape {images.shape} are smaller than one patch ({patch}).')
     x = jnp.reshape(x, (n, h * w, c))
 
     if self.classifier in ('token', 'token_unpooled'):
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, c),
-                       self.param_dtype)
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, c), param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], 1)
 
-    x, per_layer = Encoder(
-        num_layers=self.num_layers, mlp_dim=self.mlp_dim,
-        num_heads=self.num_heads, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
-        stochastic_depth=self.stochastic_depth,
-        attention_impl=self.attention_impl, remat=self.remat, scan=self.scan,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        name='Transformer')(x, train=train, collect=return_intermediates)
-    encoded = x
+    x = Encoder(
+      num_layers=self.transformer['num_layers'],
+      mlp_dim=self.transformer['mlp_dim'],
+      num_heads=self.transformer['num_heads'],
+      dropout_rate=self.dropout_rate,
+      attention_dropout_rate=self.attention_dropout_rate,
+      stochastic_depth=self.stochastic_depth,
+      attention_impl=self.attention_impl,
+      remat=self.remat,
+      scan=self.scan,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name='Transformer',
+    )(x, train=train)
+    self.sow(common.INTERMEDIATES, 'encoded', x)
 
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=1)
     elif self.classifier == 'map':
-      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                  attention_impl=self.attention_impl, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name='MAPHead_0')(x)
+      x = MAPHead(
+        num_heads=self.transformer['num_heads'],
+        mlp_dim=self.transformer['mlp_dim'],
+        attention_impl=self.attention_impl,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name='MAPHead_0',
+      )(x)
     # 'unpooled' / 'token_unpooled' keep every token.
 
     x = x.astype(jnp.float32)
     if self.representation_size is not None:
-      x = nn.Dense(self.representation_size, dtype=jnp.float32,
-                   param_dtype=self.param_dtype, name='pre_logits')(x)
+      x = nn.Dense(
+        self.representation_size, dtype=jnp.float32, param_dtype=param_dtype, name='pre_logits'
+      )(x)
       x = jnp.tanh(x)
-    pre_logits = x
+    self.sow(common.INTERMEDIATES, common.HEAD_INPUT, x)
 
     if self.num_classes:
-      x = common.classifier_head(x, self.num_classes, self.head_bias_init,
-                                 self.param_dtype)
-    if not return_intermediates:
-      return x
-    blocks, attention = per_layer
-    return x, {'blocks': blocks, 'attention': attention, 'encoded': encoded,
-               'pre_logits': pre_logits}
+      x = common.classifier_head(x, self.num_classes, self.head_bias_init, param_dtype)
+    return x
 
 
-def token_grid(image_size: Tuple[int, int], patch_size: Tuple[int, int],
-               resnet_layers: Optional[Tuple[int, ...]] = None):
-  """(rows, cols) of the patch grid a ViT makes from an (H, W) image."""
-  h, w = image_size
-  if resnet_layers is not None:
-    h = resnet.stem_output_size(h, resnet_layers)
-    w = resnet.stem_output_size(w, resnet_layers)
-  return h // patch_size[0], w // patch_size[1]
+Model = VisionTransformer
 
 
-def total_stride(patch_size, resnet_layers=None) -> Tuple[int, int]:
-  s = 1 if resnet_layers is None else resnet.stem_stride(resnet_layers)
-  return patch_size[0] * s, patch_size[1] * s
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: adapting parameter files to this model (see models.load_pretrained / load_params).
 
+Params = dict[str, Any]
+
+# Encoder blocks numbered per class as linen does (vit_jax after convert_pre_linen) -> file names.
+_LINEN_BLOCK_NAMES = {
+  'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+  'LayerNorm_1': 'LayerNorm_2',
+  'MlpBlock_0': 'MlpBlock_3',
+}
+_ENCODER_BLOCK = re.compile(r'^encoderblock_\d+$')
+# Parts after the encoder that load_pretrained keeps only when the new model has them in the
+# same shapes (the head itself is always the new model's).
+_POOLING_PARTS = ('pre_logits', 'MAPHead_0')
+
+LOAD_HINTS = {
+  'pre_logits/': 'the checkpoint has a pre_logits layer; set representation_size to its width '
+  'to keep it (or use load_pretrained, which drops it when the config has none).',
+  'Transformer/posembed_input/': 'position embeddings follow the image size; load_pretrained '
+  'resizes them.',
+}
+
+
+def fix_legacy(params: Mapping) -> Params:
+  """Adapts older file variants to the current layout.
+
+  - Encoder blocks numbered per class as linen does (`LayerNorm_1`,
+    `MultiHeadDotProductAttention_0`, `MlpBlock_0`) get the names of the released files
+    (`LayerNorm_2`, `MultiHeadDotProductAttention_1`, `MlpBlock_3`).
+  - Hybrids: GroupNorm scale/bias of old files, shaped (1, 1, 1, C), become (C,).
+  """
+
+  def rename(tree: Mapping) -> Params:
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, Mapping):
+        value = rename(value)
+        if _ENCODER_BLOCK.match(key) and 'MlpBlock_0' in value and 'MlpBlock_3' not in value:
+          value = {_LINEN_BLOCK_NAMES.get(k, k): v for k, v in value.items()}
+      out[key] = value
+    return out
+
+  return resnet.fix_group_norm(rename(params))
+
+
+def num_grid_tokens(params: Mapping) -> int | None:
+  """Patch tokens the position embeddings were made for (class token not counted)."""
+  try:
+    count = params_io.shape(params['Transformer']['posembed_input']['pos_embedding'])[1]
+  except KeyError:
+    return None
+  return count - (1 if 'cls' in params else 0)
+
+
+def _grid_of(num_tokens: int, config: Any) -> tuple[int, int] | None:
+  """Token grid with `num_tokens` cells: the config's image size's, else square."""
+  grid = common.token_grid(config)
+  if grid[0] * grid[1] == num_tokens:
+    return grid
+  side = int(round(np.sqrt(num_tokens)))
+  if side * side == num_tokens:
+    return side, side
+  return None
+
+
+def _interp_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+  """Linear interpolation along `axis` with corners aligned (like scipy.ndimage.zoom(order=1)),
+  so linear ramps stay exactly linear."""
+  old = x.shape[axis]
+  if old == size:
+    return x
+  if old == 1:
+    return np.repeat(x, size, axis=axis)
+  pos = np.linspace(0.0, old - 1.0, size) if size > 1 else np.zeros(1)
+  lo = np.clip(np.floor(pos).astype(int), 0, old - 2)
+  frac = (pos - lo).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+  a = np.take(x, lo, axis=axis)
+  b = np.take(x, lo + 1, axis=axis)
+  return a * (1.0 - frac) + b * frac
+
+
+def resize_posemb_grid(grid: np.ndarray, new_shape: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of a (rows, cols, D) position-embedding grid."""
+  dtype = grid.dtype
+  out = grid.astype(np.float64)
+  out = _interp_axis(out, 0, new_shape[0])
+  out = _interp_axis(out, 1, new_shape[1])
+  return out.astype(dtype)
+
+
+def resize_posemb(
+  posemb: np.ndarray,
+  old_grid: tuple[int, int],
+  new_grid: tuple[int, int],
+  num_extra_tokens: int,
+) -> np.ndarray:
+  """Resizes (1, extra + rows*cols, D) embeddings; extra (class) tokens kept."""
+  posemb = np.asarray(posemb)
+  extra, grid = posemb[:, :num_extra_tokens], posemb[0, num_extra_tokens:]
+  if grid.shape[0] != old_grid[0] * old_grid[1]:
+    raise ValueError(f'{grid.shape[0]} grid tokens do not form a {old_grid} grid.')
+  grid = grid.reshape(old_grid[0], old_grid[1], -1)
+  grid = resize_posemb_grid(grid, new_grid).reshape(1, -1, posemb.shape[-1])
+  return np.concatenate([extra, grid.astype(posemb.dtype)], axis=1)
+
+
+def _resize_posemb_in_tree(
+  restored: Params, expected: Mapping, config: Any, source_grid: tuple[int, int] | None
+) -> None:
+  try:
+    want = params_io.shape(expected['Transformer']['posembed_input']['pos_embedding'])
+  except KeyError:
+    return
+  posemb = restored.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
+  if posemb is None or params_io.shape(posemb) == want:
+    return
+  have = params_io.shape(posemb)
+  if len(have) != 3 or have[2] != want[2]:
+    return  # Reported as a shape mismatch by verify_tree.
+  extra = 1 if 'cls' in expected else 0
+  new_grid = _grid_of(want[1] - extra, config)
+  old_count = have[1] - extra
+  old_grid = tuple(source_grid) if source_grid else _grid_of(old_count, config)
+  if new_grid is None:
+    raise ValueError(
+      f'The model has {want[1] - extra} position embeddings, which is neither the token grid '
+      f'of config.image_size={tuple(config.image_size)} nor square. Set image_size in the model '
+      'config to the resolution the parameters were initialised for.'
+    )
+  if old_grid is None or old_grid[0] * old_grid[1] != old_count:
+    raise ValueError(
+      f'The checkpoint has {old_count} grid position embeddings, which do not form a square '
+      'grid; pass source_grid=(rows, cols).'
+    )
+  logging.info('Resizing position embeddings from grid %s to %s.', old_grid, new_grid)
+  restored['Transformer']['posembed_input']['pos_embedding'] = resize_posemb(
+    posemb, old_grid, new_grid, extra
+  )
+
+
+def adapt_pretrained(
+  restored: Params,
+  expected: Mapping,
+  config: Any,
+  source_grid: tuple[int, int] | None = None,
+) -> None:
+  """Fits a pretrained tree (in place) to the model whose per-layer params are `expected`.
+
+  pre_logits and the MAP pooling head are dropped when the model has none and freshly
+  initialised (taken from `expected`) when the checkpoint has none of the same shapes; position
+  embeddings are resized bilinearly to the model's grid (class token kept). The checkpoint's
+  grid is `source_grid` when given, else the config's or a square one.
+  """
+  for name in _POOLING_PARTS:
+    if name in restored and name not in expected:
+      logging.info('load_pretrained: dropping %s of the checkpoint.', name)
+      del restored[name]
+    elif name in expected:
+      old = {k: params_io.shape(v) for k, v in params_io.flatten(restored.get(name, {})).items()}
+      new = {k: params_io.shape(v) for k, v in params_io.flatten(expected[name]).items()}
+      if old != new:
+        logging.info('load_pretrained: freshly initialised %s.', name)
+        restored[name] = dict(expected[name])
+  _resize_posemb_in_tree(restored, expected, config, source_grid)
