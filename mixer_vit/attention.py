@@ -127,7 +127,6 @@ def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "to
   prefix = 1 if classifier in ("token", "token_unpooled") else 0
   num_patches = num_tokens - prefix
   if model_config is not None:
-    from mixer_vit import models  # pylint: disable=g-import-not-at-top
     grid = tuple(models.token_grid(model_config, (h, w)))
     if grid[0] * grid[1] == num_patches:
       return grid
@@ -152,12 +151,10 @@ _APPLY_CACHE: dict[int, tuple[Any, Any]] = {}
 
 
 def _jitted_apply(model: Any):
-  """One jitted ``apply(..., return_intermediates=True)`` per model (compiled once per shape)."""
+  """One jitted ``models.apply_with_intermediates`` per model (compiled once per shape)."""
   entry = _APPLY_CACHE.get(id(model))
   if entry is None or entry[0] is not model:
-    import jax  # pylint: disable=g-import-not-at-top
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False,
-                                          return_intermediates=True))
+    fn = jax.jit(lambda p, x: models.apply_with_intermediates(model, p, x))
     entry = _APPLY_CACHE[id(model)] = (model, fn)
   return entry[1]
 
