@@ -7,7 +7,7 @@ r"""Fine-tunes a pretrained checkpoint: ``configs/finetune.py:MODEL,DATASET``.
 ``--config.pretrained`` takes a released ``.npz`` (local or ``gs://``) or the ``params.npz`` of a
 run of this project; it defaults to ``MODEL.npz`` in the current directory. The head is replaced
 for the new class count and the position embeddings are resized to the new resolution
-(``checkpoint.load_pretrained``).
+(``models.load_pretrained``).
 
 The defaults are those of the original fine-tuning code (google-research/vision_transformer,
 ``vit_jax/configs/common.py``): SGD with momentum 0.9 and a bfloat16 momentum buffer, base lr
@@ -26,15 +26,15 @@ from mixer_vit import config_utils
 from mixer_vit import models
 
 _STEPS = {'imagenet2012': 20_000}  # Everything else: 10,000 (CIFAR's).
-_TRAIN_SPLITS = {'cifar10': 'train[:98%]', 'cifar100': 'train[:98%]',
-                 'imagenet2012': 'train[:99%]'}
+_TRAIN_SPLITS = {'cifar10': 'train[:98%]', 'cifar100': 'train[:98%]', 'imagenet2012': 'train[:99%]'}
 _TEST_SPLITS = {'imagenet2012': 'validation'}
 
 
 def get_config(arg=None):
   """``arg``: ``MODEL,DATASET`` (default ``ViT-B_16,cifar10``); ``resolution=N`` changes 384."""
-  arg = config_utils.parse_arg(arg, positional=('model', 'dataset'), model='ViT-B_16',
-                               dataset='cifar10', resolution=384)
+  arg = config_utils.parse_arg(
+    arg, positional=('model', 'dataset'), model='ViT-B_16', dataset='cifar10', resolution=384
+  )
   models.get_model_config(arg.model)  # Checks the name early.
   c = config_utils.base_config()
   c.model_name = arg.model

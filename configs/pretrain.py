@@ -43,8 +43,13 @@ from mixer_vit import config_utils
 from mixer_vit import models
 
 # Examples per split, for epochs -> steps.
-_TRAIN_EXAMPLES = {'imagenet2012': 1_281_167, 'mnist': 60_000, 'fashion_mnist': 60_000,
-                   'cifar10': 50_000, 'cifar100': 50_000}
+_TRAIN_EXAMPLES = {
+  'imagenet2012': 1_281_167,
+  'mnist': 60_000,
+  'fashion_mnist': 60_000,
+  'cifar10': 50_000,
+  'cifar100': 50_000,
+}
 _GREY = ('mnist', 'fashion_mnist', 'digits')
 
 
@@ -54,8 +59,9 @@ def _steps(examples: float, epochs: int, batch_size: int) -> int:
 
 def get_config(arg=None):
   """``arg``: ``MODEL,DATASET`` (default ``ViT-B_16,imagenet2012``)."""
-  arg = config_utils.parse_arg(arg, positional=('model', 'dataset'), model='ViT-B_16',
-                               dataset='imagenet2012')
+  arg = config_utils.parse_arg(
+    arg, positional=('model', 'dataset'), model='ViT-B_16', dataset='imagenet2012'
+  )
   model_config = models.get_model_config(arg.model)  # Also checks the name.
   c = config_utils.base_config()
   c.model_name = arg.model
@@ -102,8 +108,9 @@ def get_config(arg=None):
   flip = '' if grey else '|flip_lr'
   c.train_split = 'train'
   c.test_split = 'test'
-  c.pp_train = ('decode|resize(36)|random_crop(32)' + flip +
-                '|value_range(-1,1)|onehot(smoothing=0.1)')
+  c.pp_train = (
+    'decode|resize(36)|random_crop(32)' + flip + '|value_range(-1,1)|onehot(smoothing=0.1)'
+  )
   c.pp_test = 'decode|resize(36)|central_crop(32)|value_range(-1,1)|onehot'
   c.batch_size = 256
   c.eval_batch_size = 512

@@ -5,7 +5,7 @@ each output token comes from each input patch when the residual connections are 
 layer, average the heads, add the identity (the residual path), renormalise the rows, and multiply
 the layers together. Its rows stay probability distributions over the input tokens.
 
-The arrays are those the models return with ``return_intermediates=True``: ``'attention'`` shaped
+The arrays are those ``models.apply_with_intermediates`` returns: ``'attention'`` shaped
 ``(num_layers, B, heads, T, T)`` with ``T = prefix + grid_h * grid_w`` (``prefix`` is 1 for the
 ``token`` classifier's class token, 0 for ``gap``). For the ``token`` classifier the class token's
 row gives the map; otherwise the mean over all rows does.
@@ -38,12 +38,11 @@ from mixer_vit import models
 from mixer_vit import sizes
 from mixer_vit.data import preprocess
 
-
 # ----------------------------------------------------------------------------------------------
 # Array maths (numpy or jax arrays in, numpy out).
 
 
-def rollout(attention: Any, head_fusion: str = "mean") -> np.ndarray:
+def rollout(attention: Any, head_fusion: str = 'mean') -> np.ndarray:
   """Joint attention over all layers: ``(num_layers, B, heads, T, T)`` -> ``(B, T, T)``.
 
   Row ``i`` of the result is a distribution over input tokens: how much of output token ``i``
@@ -56,9 +55,10 @@ def rollout(attention: Any, head_fusion: str = "mean") -> np.ndarray:
   attention = np.asarray(attention, np.float64)
   if attention.ndim != 5 or attention.shape[-1] != attention.shape[-2]:
     raise ValueError(
-        f"attention must be shaped (num_layers, B, heads, T, T); got {attention.shape}. "
-        "Use the 'attention' entry of model.apply(..., return_intermediates=True).")
-  fuse = {"mean": np.mean, "max": np.max, "min": np.min}.get(head_fusion)
+      f'attention must be shaped (num_layers, B, heads, T, T); got {attention.shape}. '
+      "Use the 'attention' entry of models.apply_with_intermediates(model, params, images)."
+    )
+  fuse = {'mean': np.mean, 'max': np.max, 'min': np.min}.get(head_fusion)
   if fuse is None:
     raise ValueError(f"head_fusion must be 'mean', 'max' or 'min'; got {head_fusion!r}")
   num_tokens = attention.shape[-1]
@@ -75,7 +75,7 @@ def num_prefix_tokens(num_tokens: int, grid: tuple[int, int]) -> int:
   """Tokens in front of the patch tokens (class token), from the token count and the grid."""
   prefix = num_tokens - grid[0] * grid[1]
   if prefix < 0:
-    raise ValueError(f"{num_tokens} tokens cannot hold a {grid[0]}x{grid[1]} patch grid")
+    raise ValueError(f'{num_tokens} tokens cannot hold a {grid[0]}x{grid[1]} patch grid')
   return prefix
 
 
@@ -87,7 +87,7 @@ def token_map(matrix: np.ndarray, grid: tuple[int, int], classifier: str) -> np.
   """
   matrix = np.asarray(matrix, np.float64)
   prefix = num_prefix_tokens(matrix.shape[-1], grid)
-  if classifier == "token" and prefix >= 1:
+  if classifier == 'token' and prefix >= 1:
     row = matrix[..., 0, prefix:]
   else:
     row = matrix[..., prefix:, prefix:].mean(axis=-2)
@@ -95,27 +95,32 @@ def token_map(matrix: np.ndarray, grid: tuple[int, int], classifier: str) -> np.
   return row.reshape(row.shape[:-1] + tuple(grid))
 
 
-def rollout_map(attention: Any, grid: tuple[int, int], classifier: str = "token",
-                head_fusion: str = "mean") -> np.ndarray:
+def rollout_map(
+  attention: Any, grid: tuple[int, int], classifier: str = 'token', head_fusion: str = 'mean'
+) -> np.ndarray:
   """Attention rollout as a map over the patch grid: ``(B, gh, gw)``, each summing to 1."""
   return token_map(rollout(attention, head_fusion), grid, classifier)
 
 
-def head_maps(attention: Any, grid: tuple[int, int], classifier: str = "token",
-              layer: int = -1) -> np.ndarray:
+def head_maps(
+  attention: Any, grid: tuple[int, int], classifier: str = 'token', layer: int = -1
+) -> np.ndarray:
   """Per-head maps of one layer (no rollout): ``(B, heads, gh, gw)``, each summing to 1."""
   attention = np.asarray(attention)
   if attention.ndim != 5:
-    raise ValueError(f"attention must be (num_layers, B, heads, T, T); got {attention.shape}")
+    raise ValueError(f'attention must be (num_layers, B, heads, T, T); got {attention.shape}')
   num_layers = attention.shape[0]
   if not -num_layers <= layer < num_layers:
-    raise ValueError(f"layer {layer} out of range for {num_layers} layers "
-                     f"(use 0..{num_layers - 1} or negative from the end)")
+    raise ValueError(
+      f'layer {layer} out of range for {num_layers} layers '
+      f'(use 0..{num_layers - 1} or negative from the end)'
+    )
   return token_map(attention[layer], grid, classifier)
 
 
-def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "token",
-               model_config: Any = None) -> tuple[int, int]:
+def patch_grid(
+  num_tokens: int, image_hw: tuple[int, int], classifier: str = 'token', model_config: Any = None
+) -> tuple[int, int]:
   """The patch grid ``(gh, gw)`` that ``num_tokens`` tokens of an ``image_hw`` input lie on.
 
   With a model config the grid is the model's own (``models.token_grid``: the patch size and, for
@@ -124,7 +129,7 @@ def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "to
   ratio is used.
   """
   h, w = image_hw
-  prefix = 1 if classifier in ("token", "token_unpooled") else 0
+  prefix = 1 if classifier in ('token', 'token_unpooled') else 0
   num_patches = num_tokens - prefix
   if model_config is not None:
     grid = tuple(models.token_grid(model_config, (h, w)))
@@ -139,7 +144,7 @@ def patch_grid(num_tokens: int, image_hw: tuple[int, int], classifier: str = "to
     if best is None or err < best[0]:
       best = (err, (gh, gw))
   if best is None:
-    raise ValueError(f"no patch grid for {num_tokens} tokens ({classifier!r} classifier)")
+    raise ValueError(f'no patch grid for {num_tokens} tokens ({classifier!r} classifier)')
   return best[1]
 
 
@@ -159,25 +164,33 @@ def _jitted_apply(model: Any):
   return entry[1]
 
 
-def compute(model: Any, params: Any, images: Any, model_config: Any,
-            layer: int = -1, head_fusion: str = "mean") -> dict[str, np.ndarray]:
+def compute(
+  model: Any,
+  params: Any,
+  images: Any,
+  model_config: Any,
+  layer: int = -1,
+  head_fusion: str = 'mean',
+) -> dict[str, np.ndarray]:
   """Runs a ViT on preprocessed images (B, H, W, 3) and returns its attention maps.
 
   Returns a dict of numpy arrays: ``'rollout'`` (B, gh, gw), ``'heads'`` (B, heads, gh, gw) for
   ``layer``, ``'attention'`` (num_layers, B, heads, T, T) and ``'logits'`` (B, num_classes).
   """
-  if model_config.family != "vit":
-    raise ValueError(f"{model_config.name} is a {model_config.family} model; attention maps "
-                     "need a ViT (MLP-Mixer has no attention)")
+  if model_config.family != 'vit':
+    raise ValueError(
+      f'{model_config.name} is a {model_config.family} model; attention maps '
+      'need a ViT (MLP-Mixer has no attention)'
+    )
   images = np.asarray(images, np.float32)
   logits, inter = _jitted_apply(model)(params, images)
-  att = np.asarray(inter["attention"], np.float32)
+  att = np.asarray(inter['attention'], np.float32)
   grid = patch_grid(att.shape[-1], images.shape[1:3], model_config.classifier, model_config)
   return {
-      "rollout": rollout_map(att, grid, model_config.classifier, head_fusion),
-      "heads": head_maps(att, grid, model_config.classifier, layer),
-      "attention": att,
-      "logits": np.asarray(logits, np.float32),
+    'rollout': rollout_map(att, grid, model_config.classifier, head_fusion),
+    'heads': head_maps(att, grid, model_config.classifier, layer),
+    'attention': att,
+    'logits': np.asarray(logits, np.float32),
   }
 
 
@@ -185,8 +198,9 @@ def compute(model: Any, params: Any, images: Any, model_config: Any,
 # Pictures.
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55,
-            cmap: str = "inferno") -> np.ndarray:
+def overlay(
+  image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55, cmap: str = 'inferno'
+) -> np.ndarray:
   """Blends a (gh, gw) map, upsampled smoothly to the image, over an RGB image: uint8 (H, W, 3).
 
   ``image`` is uint8 or float in [-1, 1] or [0, 1]; the map is scaled to [0, 1] by its range.
@@ -195,7 +209,7 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55,
   h, w = rgb.shape[:2]
   m = np.asarray(heatmap, np.float32)
   m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
-  m = np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.BICUBIC))
+  m = np.asarray(Image.fromarray(m, mode='F').resize((w, h), Image.BICUBIC))
   m = np.clip(m, 0.0, 1.0)
   colour = colormaps[cmap](m)[..., :3]
   out = (1 - alpha) * (rgb / 255.0) + alpha * colour
@@ -218,32 +232,43 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def save_overlay_png(path: str, image: np.ndarray, heatmap: np.ndarray, **kwargs) -> str:
   """Writes ``overlay(image, heatmap)`` as a PNG the size of the image; returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(overlay(image, heatmap, **kwargs)).save(path, format="PNG")
+  Image.fromarray(overlay(image, heatmap, **kwargs)).save(path, format='PNG')
   return path
 
 
-def save_figure_png(path: str, image: np.ndarray, rollout_hw: np.ndarray,
-                    heads: np.ndarray | None = None, title: str | None = None,
-                    layer: int | None = None) -> str:
+def save_figure_png(
+  path: str,
+  image: np.ndarray,
+  rollout_hw: np.ndarray,
+  heads: np.ndarray | None = None,
+  title: str | None = None,
+  layer: int | None = None,
+) -> str:
   """A figure: input, rollout overlay and (optionally) one overlay per head of a layer."""
   import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.
-  matplotlib.use("Agg", force=False)
+
+  matplotlib.use('Agg', force=False)
   from matplotlib import pyplot as plt  # noqa: PLC0415
+
   rgb = to_uint8(image)
-  panels = [("input", rgb), ("rollout", overlay(rgb, rollout_hw))]
+  panels = [('input', rgb), ('rollout', overlay(rgb, rollout_hw))]
   if heads is not None:
     for i, m in enumerate(heads):
-      panels.append((f"layer {layer} head {i}" if layer is not None else f"head {i}",
-                     overlay(rgb, m)))
+      panels.append(
+        (f'layer {layer} head {i}' if layer is not None else f'head {i}', overlay(rgb, m))
+      )
   cols = min(len(panels), 6)
   rows = math.ceil(len(panels) / cols)
   h, w = rgb.shape[:2]
   size = 2.2
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * size * w / max(h, w) + 0.2,
-                                                rows * (size * h / max(h, w) + 0.35)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows,
+    cols,
+    figsize=(cols * size * w / max(h, w) + 0.2, rows * (size * h / max(h, w) + 0.35)),
+    squeeze=False,
+  )
   for ax in axes.flat:
-    ax.axis("off")
+    ax.axis('off')
   for ax, (name, picture) in zip(axes.flat, panels):
     ax.imshow(picture)
     ax.set_title(name, fontsize=8)
@@ -251,24 +276,32 @@ def save_figure_png(path: str, image: np.ndarray, rollout_hw: np.ndarray,
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format="png", dpi=110)
+  fig.savefig(path, format='png', dpi=110)
   plt.close(fig)
   return path
 
 
-def save_summary_png(path: str, images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
-                     titles: Sequence[str] | None = None, columns: int = 4) -> str:
+def save_summary_png(
+  path: str,
+  images: Sequence[np.ndarray],
+  maps: Sequence[np.ndarray],
+  titles: Sequence[str] | None = None,
+  columns: int = 4,
+) -> str:
   """A figure of (image, rollout overlay) pairs for several images, e.g. for documentation."""
   import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.
-  matplotlib.use("Agg", force=False)
+
+  matplotlib.use('Agg', force=False)
   from matplotlib import pyplot as plt  # noqa: PLC0415
+
   n = len(images)
   columns = max(1, min(columns, n))
   rows = math.ceil(n / columns)
-  fig, axes = plt.subplots(rows, 2 * columns, figsize=(2 * columns * 1.6, rows * 1.85),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, 2 * columns, figsize=(2 * columns * 1.6, rows * 1.85), squeeze=False
+  )
   for ax in axes.flat:
-    ax.axis("off")
+    ax.axis('off')
   for i, (image, m) in enumerate(zip(images, maps)):
     r, c = divmod(i, columns)
     rgb = to_uint8(image)
@@ -276,10 +309,10 @@ def save_summary_png(path: str, images: Sequence[np.ndarray], maps: Sequence[np.
     axes[r, 2 * c + 1].imshow(overlay(rgb, m))
     if titles:
       axes[r, 2 * c].set_title(titles[i], fontsize=8)
-      axes[r, 2 * c + 1].set_title("rollout", fontsize=8)
+      axes[r, 2 * c + 1].set_title('rollout', fontsize=8)
   fig.tight_layout(pad=0.3)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format="png", dpi=120)
+  fig.savefig(path, format='png', dpi=120)
   plt.close(fig)
   return path
 
@@ -302,80 +335,111 @@ def display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.n
   """The picture to draw the map on: the decoded file when the preprocessing only resizes it
   (the map covers the whole file), else the model's input (e.g. after a central crop)."""
   ops = [name for name, _, _ in preprocess.parse(classifier.pp)]
-  if any(op in ("central_crop", "random_crop", "inception_crop", "resize_small", "flip_lr")
-         for op in ops):
+  if any(
+    op in ('central_crop', 'random_crop', 'inception_crop', 'resize_small', 'flip_lr') for op in ops
+  ):
     return to_uint8(model_input)
-  return np.asarray(preprocess.get_preprocess_fn("decode")({"image": data})["image"])
+  return np.asarray(preprocess.get_preprocess_fn('decode')({'image': data})['image'])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m mixer_vit.attention",
-      description="Attention rollout and per-head maps of a ViT, as PNG overlays.")
-  parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-  parser.add_argument("--checkpoint", required=True, help="training workdir or .npz file")
-  parser.add_argument("--model", help="model name (required for .npz), e.g. ViT-B_16")
-  parser.add_argument("--labels", help="class names, one per line (for the titles)")
-  parser.add_argument("--resolution", help="R or H,W (.npz checkpoints of non-square grids)")
-  parser.add_argument("--pp", help="preprocessing string replacing the default")
-  parser.add_argument("--layer", type=int, default=-1, help="layer of the per-head maps")
-  parser.add_argument("--head_fusion", choices=("mean", "max", "min"), default="mean")
-  parser.add_argument("--out_dir", default="attention_maps",
-                      help="writes <name>_rollout.png and <name>_heads.png per image here")
-  parser.add_argument("--summary", help="also write one figure of all images and rollouts")
-  parser.add_argument("--min_side", type=int, default=224,
-                      help="small images are enlarged to this shorter side for viewing")
-  parser.add_argument("--alpha", type=float, default=0.55, help="opacity of the map")
+    prog='python -m mixer_vit.attention',
+    description='Attention rollout and per-head maps of a ViT, as PNG overlays.',
+  )
+  parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
+  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
+  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
+  parser.add_argument('--labels', help='class names, one per line (for the titles)')
+  parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
+  parser.add_argument('--pp', help='preprocessing string replacing the default')
+  parser.add_argument('--layer', type=int, default=-1, help='layer of the per-head maps')
+  parser.add_argument('--head_fusion', choices=('mean', 'max', 'min'), default='mean')
+  parser.add_argument(
+    '--out_dir',
+    default='attention_maps',
+    help='writes <name>_rollout.png and <name>_heads.png per image here',
+  )
+  parser.add_argument('--summary', help='also write one figure of all images and rollouts')
+  parser.add_argument(
+    '--min_side',
+    type=int,
+    default=224,
+    help='small images are enlarged to this shorter side for viewing',
+  )
+  parser.add_argument('--alpha', type=float, default=0.55, help='opacity of the map')
   args = parser.parse_args(argv)
 
   try:
     classifier = infer.load_classifier(
-        args.checkpoint, args.model, labels=args.labels,
-        resolution=sizes.parse(args.resolution), pp=args.pp)
-    if classifier.model_config.family != "vit":
-      raise ValueError(f"{classifier.model_config.name} is an MLP-Mixer: it has no attention; "
-                       "attention maps need a ViT checkpoint")
+      args.checkpoint,
+      args.model,
+      labels=args.labels,
+      resolution=sizes.parse(args.resolution),
+      pp=args.pp,
+    )
+    if classifier.model_config.family != 'vit':
+      raise ValueError(
+        f'{classifier.model_config.name} is an MLP-Mixer: it has no attention; '
+        'attention maps need a ViT checkpoint'
+      )
   except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     return 2
   files = infer.list_images(args.images)
   summary_images, summary_maps, summary_titles = [], [], []
   failed = 0
   for path in files:
     try:
-      with open(path, "rb") as f:
+      with open(path, 'rb') as f:
         data = f.read()
       x = classifier.preprocess(data)
-      maps = compute(classifier.model, classifier.params, x[None], classifier.model_config,
-                     layer=args.layer, head_fusion=args.head_fusion)
+      maps = compute(
+        classifier.model,
+        classifier.params,
+        x[None],
+        classifier.model_config,
+        layer=args.layer,
+        head_fusion=args.head_fusion,
+      )
     except Exception as e:  # pylint: disable=broad-except  # Report and go on with the rest.
       failed += 1
-      print(f"error: {path}: {infer.error_text(e)}", file=sys.stderr)
+      print(f'error: {path}: {infer.error_text(e)}', file=sys.stderr)
       continue
-    logits = maps["logits"][0]
-    probs = np.asarray(jax.nn.sigmoid(logits) if classifier.activation == "sigmoid"
-                       else jax.nn.softmax(logits))
+    logits = maps['logits'][0]
+    probs = np.asarray(
+      jax.nn.sigmoid(logits) if classifier.activation == 'sigmoid' else jax.nn.softmax(logits)
+    )
     top = int(np.argmax(probs))
-    title = f"{classifier.class_name(top)} ({probs[top]:.0%})"
+    title = f'{classifier.class_name(top)} ({probs[top]:.0%})'
     picture = upscale(display_image(classifier, data, x), args.min_side)
     stem = os.path.splitext(os.path.basename(path))[0]
-    rollout_path = save_overlay_png(os.path.join(args.out_dir, f"{stem}_rollout.png"), picture,
-                                    maps["rollout"][0], alpha=args.alpha)
-    num_layers = maps["attention"].shape[0]
+    rollout_path = save_overlay_png(
+      os.path.join(args.out_dir, f'{stem}_rollout.png'),
+      picture,
+      maps['rollout'][0],
+      alpha=args.alpha,
+    )
+    num_layers = maps['attention'].shape[0]
     layer = args.layer % num_layers
-    heads_path = save_figure_png(os.path.join(args.out_dir, f"{stem}_heads.png"), picture,
-                                 maps["rollout"][0], maps["heads"][0],
-                                 title=f"{os.path.basename(path)}: {title}", layer=layer)
-    print(f"{path}: {title}\n  {rollout_path}\n  {heads_path}", flush=True)
+    heads_path = save_figure_png(
+      os.path.join(args.out_dir, f'{stem}_heads.png'),
+      picture,
+      maps['rollout'][0],
+      maps['heads'][0],
+      title=f'{os.path.basename(path)}: {title}',
+      layer=layer,
+    )
+    print(f'{path}: {title}\n  {rollout_path}\n  {heads_path}', flush=True)
     summary_images.append(picture)
-    summary_maps.append(maps["rollout"][0])
+    summary_maps.append(maps['rollout'][0])
     summary_titles.append(title)
   if args.summary and summary_images:
     print(save_summary_png(args.summary, summary_images, summary_maps, summary_titles))
   if failed:
-    print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+    print(f'{failed} of {len(files)} files failed', file=sys.stderr)
   return 1 if failed or not files else 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

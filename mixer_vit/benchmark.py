@@ -19,11 +19,9 @@ random data; without it, the evaluation forward pass.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -39,7 +37,6 @@ from mixer_vit import parallel
 from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import tcmalloc
-
 
 # ----------------------------------------------------------------------------------------------
 # Timing and FLOP counting.
@@ -69,19 +66,20 @@ def xla_flops(compiled: Any) -> float | None:
     return None
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per device program.
     analysis = analysis[0] if analysis else None
-  if not analysis or "flops" not in analysis:
+  if not analysis or 'flops' not in analysis:
     return None
-  flops = float(analysis["flops"])
+  flops = float(analysis['flops'])
   return flops if flops > 0 else None
 
 
 def default_matmul_size() -> int:
   """A square size that keeps the matrix unit busy: large on accelerators, moderate on CPU."""
-  return 2048 if jax.default_backend() == "cpu" else 8192
+  return 2048 if jax.default_backend() == 'cpu' else 8192
 
 
-def matmul_peak(dtype: Any = jnp.float32, size: int | None = None, runs: int = 5,
-                warmup: int = 2) -> dict[str, float]:
+def matmul_peak(
+  dtype: Any = jnp.float32, size: int | None = None, runs: int = 5, warmup: int = 2
+) -> dict[str, float]:
   """Measured FLOP/s of a large ``jnp.dot`` (size x size by size x size) in ``dtype``.
 
   Uses the default device (the same one the model runs on in a single-device benchmark).
@@ -94,17 +92,18 @@ def matmul_peak(dtype: Any = jnp.float32, size: int | None = None, runs: int = 5
   # Accumulate in float32 as the models do (preferred_element_type), output in ``dtype``.
   dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
   seconds = statistics.median(time_calls(lambda: dot(a, b), runs, warmup))
-  return {"size": size, "seconds": seconds, "flops_per_second": 2.0 * size ** 3 / seconds}
+  return {'size': size, 'seconds': seconds, 'flops_per_second': 2.0 * size**3 / seconds}
 
 
-def analytic_flops(model_config: Any, image_hw: tuple[int, int], batch: int,
-                   train: bool = False) -> float | None:
+def analytic_flops(
+  model_config: Any, image_hw: tuple[int, int], batch: int, train: bool = False
+) -> float | None:
   """Matrix-multiply FLOPs (2 x multiply-adds) of the model, counted by hand.
 
   Covers plain ViT and Mixer (patch embedding, attention or token mixing, MLPs, head); returns None
   for hybrids. Training is counted as 3x the forward pass (backward = 2x forward), the usual rule.
   """
-  if model_config.get("resnet"):
+  if model_config.get('resnet'):
     return None
   h, w = image_hw
   ph, pw = tuple(model_config.patches.size)
@@ -112,12 +111,12 @@ def analytic_flops(model_config: Any, image_hw: tuple[int, int], batch: int,
   d = model_config.hidden_size
   c = model_config.num_classes
   macs = n * ph * pw * 3 * d  # Patch embedding.
-  if model_config.family == "vit":
-    t = n + (1 if model_config.classifier == "token" else 0)
+  if model_config.family == 'vit':
+    t = n + (1 if model_config.classifier == 'token' else 0)
     m = model_config.transformer.mlp_dim
     per_layer = 4 * t * d * d + 2 * t * t * d + 2 * t * d * m  # qkv+out, scores+mix, mlp.
     macs += model_config.transformer.num_layers * per_layer
-    rep = model_config.get("representation_size")
+    rep = model_config.get('representation_size')
     if rep:
       macs += d * rep
       d = rep
@@ -159,29 +158,32 @@ class BenchmarkResult:
 
   def summary(self) -> str:
     def tf(x):
-      return "n/a" if x is None else f"{x / 1e12:.3f} TFLOP/s" if x >= 1e11 else \
-          f"{x / 1e9:.2f} GFLOP/s"
+      return (
+        'n/a' if x is None else f'{x / 1e12:.3f} TFLOP/s' if x >= 1e11 else f'{x / 1e9:.2f} GFLOP/s'
+      )
+
     def gf(x):
-      return "n/a" if x is None else f"{x / 1e9:.2f} GFLOP"
+      return 'n/a' if x is None else f'{x / 1e9:.2f} GFLOP'
+
     lines = [
-        f"{self.model} {self.mode}, batch {self.batch}, {self.resolution[0]}x{self.resolution[1]}, "
-        f"{self.dtype}, {self.devices} {self.backend} device(s)",
-        f"  compile time:     {self.compile_seconds:.2f} s",
-        f"  step time:        {self.step_seconds_median * 1e3:.1f} ms (median of "
-        f"{len(self.step_seconds_all)} runs; min {min(self.step_seconds_all) * 1e3:.1f}, max "
-        f"{max(self.step_seconds_all) * 1e3:.1f})",
-        f"  throughput:       {self.images_per_second:.1f} images/s",
-        f"  FLOPs per step:   {gf(self.flops_per_step)} ({self.flops_source}); analytic "
-        f"matmul count {gf(self.analytic_flops_per_step)}",
-        f"  achieved:         {tf(self.achieved_flops_per_second)}",
-        f"  matmul peak:      {tf(self.matmul_peak_flops_per_second)} ({self.matmul_size}^2 "
-        f"jnp.dot, {self.dtype}; the better of the medians before ("
-        f"{tf(self.matmul_peak_before_after[0])}) and after ("
-        f"{tf(self.matmul_peak_before_after[1])}) the model's runs)",
-        "  share of peak:    " + ("n/a" if self.share_of_peak is None
-                                  else f"{100 * self.share_of_peak:.1f} %"),
+      f'{self.model} {self.mode}, batch {self.batch}, {self.resolution[0]}x{self.resolution[1]}, '
+      f'{self.dtype}, {self.devices} {self.backend} device(s)',
+      f'  compile time:     {self.compile_seconds:.2f} s',
+      f'  step time:        {self.step_seconds_median * 1e3:.1f} ms (median of '
+      f'{len(self.step_seconds_all)} runs; min {min(self.step_seconds_all) * 1e3:.1f}, max '
+      f'{max(self.step_seconds_all) * 1e3:.1f})',
+      f'  throughput:       {self.images_per_second:.1f} images/s',
+      f'  FLOPs per step:   {gf(self.flops_per_step)} ({self.flops_source}); analytic '
+      f'matmul count {gf(self.analytic_flops_per_step)}',
+      f'  achieved:         {tf(self.achieved_flops_per_second)}',
+      f'  matmul peak:      {tf(self.matmul_peak_flops_per_second)} ({self.matmul_size}^2 '
+      f'jnp.dot, {self.dtype}; the better of the medians before ('
+      f'{tf(self.matmul_peak_before_after[0])}) and after ('
+      f"{tf(self.matmul_peak_before_after[1])}) the model's runs)",
+      '  share of peak:    '
+      + ('n/a' if self.share_of_peak is None else f'{100 * self.share_of_peak:.1f} %'),
     ]
-    return "\n".join(lines)
+    return '\n'.join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class BenchmarkResult:
 def _random_batch(rng: np.random.Generator, batch: int, hw: tuple[int, int], num_classes: int):
   images = rng.uniform(-1, 1, size=(batch, *hw, 3)).astype(np.float32)
   labels = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, size=batch)]
-  return {"image": images, "labels": labels}
+  return {'image': images, 'labels': labels}
 
 
 def _train_config(model: str, batch: int, dtype: str, overrides: dict[str, Any]):
@@ -206,56 +208,69 @@ def _train_config(model: str, batch: int, dtype: str, overrides: dict[str, Any])
   return config
 
 
-def benchmark(model: str, batch: int = 32, train: bool = False, dtype: str = "float32",
-              resolution: tuple[int, int] | None = None, num_classes: int = 1000,
-              runs: int = 10, warmup: int = 2, matmul_size: int | None = None,
-              matmul_runs: int = 5, overrides: dict[str, Any] | None = None,
-              mesh: Any = None) -> BenchmarkResult:
+def benchmark(
+  model: str,
+  batch: int = 32,
+  train: bool = False,
+  dtype: str = 'float32',
+  resolution: tuple[int, int] | None = None,
+  num_classes: int = 1000,
+  runs: int = 10,
+  warmup: int = 2,
+  matmul_size: int | None = None,
+  matmul_runs: int = 5,
+  overrides: dict[str, Any] | None = None,
+  mesh: Any = None,
+) -> BenchmarkResult:
   """Compiles and times one step of ``model`` on random data; see the module docstring.
 
   ``train=True`` times ``steps.make_train_step`` (the trainer's jitted step, AdamW as in the
   default config); otherwise the jitted ``model.apply(..., train=False)``.
   """
   # Unrolled layers: XLA's cost analysis counts a scanned loop body only once.
-  overrides = {"scan": False, **(overrides or {})}
+  overrides = {'scan': False, **(overrides or {})}
   config = _train_config(model, batch, dtype, overrides)
   model_config, module = steps.make_model(config, num_classes)
   hw = tuple(resolution or model_config.image_size)
   mesh = mesh or parallel.make_mesh()
   if batch % mesh.size:
-    raise ValueError(f"--batch={batch} must be a multiple of the {mesh.size} devices")
+    raise ValueError(f'--batch={batch} must be a multiple of the {mesh.size} devices')
   rng = np.random.default_rng(0)
   host_batch = _random_batch(rng, batch, hw, num_classes)
   batch_arrays = parallel.shard_batch(host_batch, mesh)
   repl = parallel.replicated(mesh)
   params = jax.jit(
-      lambda k: module.init({"params": k}, jnp.zeros((1, *hw, 3), jnp.float32),
-                            train=False)["params"], out_shardings=repl)(jax.random.PRNGKey(0))
+    lambda k: module.init({'params': k}, jnp.zeros((1, *hw, 3), jnp.float32), train=False)[
+      'params'
+    ],
+    out_shardings=repl,
+  )(jax.random.PRNGKey(0))
 
   if train:
     schedule = optim.make_schedule(config)
     tx = optim.make_optimizer(config, schedule)
-    state = jax.jit(lambda p: steps.state_from_params(p, tx),
-                    out_shardings=repl)(params)
+    state = jax.jit(lambda p: steps.state_from_params(p, tx), out_shardings=repl)(params)
     step = steps.make_train_step(module, tx, schedule, config, mesh)
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays, key).compile()
     compile_seconds = time.perf_counter() - start
-    holder = {"state": state}
+    holder = {'state': state}
 
     def call():
-      holder["state"], metrics = compiled(holder["state"], batch_arrays, key)
-      return metrics["loss"]
+      holder['state'], metrics = compiled(holder['state'], batch_arrays, key)
+      return metrics['loss']
   else:
-    forward = jax.jit(lambda p, x: module.apply({"params": p}, x, train=False),
-                      in_shardings=(repl, parallel.batch_sharding(mesh)))
+    forward = jax.jit(
+      lambda p, x: module.apply({'params': p}, x, train=False),
+      in_shardings=(repl, parallel.batch_sharding(mesh)),
+    )
     start = time.perf_counter()
-    compiled = forward.lower(params, batch_arrays["image"]).compile()
+    compiled = forward.lower(params, batch_arrays['image']).compile()
     compile_seconds = time.perf_counter() - start
 
     def call():
-      return compiled(params, batch_arrays["image"])
+      return compiled(params, batch_arrays['image'])
 
   # The peak before and after the model's runs: the machine may be shared, so the better of the
   # two is the one the model could have reached.
@@ -263,55 +278,84 @@ def benchmark(model: str, batch: int = 32, train: bool = False, dtype: str = "fl
   times = time_calls(call, runs, warmup)
   median = statistics.median(times)
   flops = xla_flops(compiled)
-  source = "XLA cost analysis of the compiled step"
+  source = 'XLA cost analysis of the compiled step'
   if flops is not None and mesh.size > 1:
     flops *= mesh.size  # The SPMD program (one device's share) is counted.
-    source += f" x {mesh.size} devices"
+    source += f' x {mesh.size} devices'
   analytic = analytic_flops(model_config, hw, batch, train)
   if flops is None and analytic is not None:
-    flops, source = analytic, "analytic matmul count"
+    flops, source = analytic, 'analytic matmul count'
   peak_after = matmul_peak(jnp.dtype(dtype), matmul_size, matmul_runs)
-  peak = max(peak_before, peak_after, key=lambda p: p["flops_per_second"])
+  peak = max(peak_before, peak_after, key=lambda p: p['flops_per_second'])
   achieved = flops / median if flops else None
   # The peak was measured on one device; the model ran on mesh.size of them.
-  peak_total = peak["flops_per_second"] * mesh.size
+  peak_total = peak['flops_per_second'] * mesh.size
   return BenchmarkResult(
-      model=model_config.name, mode="train" if train else "inference", batch=batch,
-      resolution=hw, dtype=dtype, backend=jax.default_backend(), devices=mesh.size,
-      compile_seconds=compile_seconds, step_seconds_median=median, step_seconds_all=times,
-      images_per_second=batch / median, flops_per_step=flops, flops_source=source,
-      analytic_flops_per_step=analytic, achieved_flops_per_second=achieved,
-      matmul_peak_flops_per_second=peak_total, matmul_size=peak["size"],
-      matmul_peak_before_after=(peak_before["flops_per_second"] * mesh.size,
-                                peak_after["flops_per_second"] * mesh.size),
-      share_of_peak=achieved / peak_total if achieved else None)
+    model=model_config.name,
+    mode='train' if train else 'inference',
+    batch=batch,
+    resolution=hw,
+    dtype=dtype,
+    backend=jax.default_backend(),
+    devices=mesh.size,
+    compile_seconds=compile_seconds,
+    step_seconds_median=median,
+    step_seconds_all=times,
+    images_per_second=batch / median,
+    flops_per_step=flops,
+    flops_source=source,
+    analytic_flops_per_step=analytic,
+    achieved_flops_per_second=achieved,
+    matmul_peak_flops_per_second=peak_total,
+    matmul_size=peak['size'],
+    matmul_peak_before_after=(
+      peak_before['flops_per_second'] * mesh.size,
+      peak_after['flops_per_second'] * mesh.size,
+    ),
+    share_of_peak=achieved / peak_total if achieved else None,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m mixer_vit.benchmark",
-      description="Compile time, images/s and FLOP/s (vs. a measured matmul peak) of a model.")
-  parser.add_argument("--model", required=True, help="model name, e.g. ViT-B_16")
-  parser.add_argument("--batch", type=int, default=32, help="global batch size")
-  parser.add_argument("--train", action="store_true", help="time the training step")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                      help="compute dtype (parameters stay float32)")
-  parser.add_argument("--resolution", help="R or H,W (default: the model's, 224)")
-  parser.add_argument("--num_classes", type=int, default=1000)
-  parser.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed runs after compiling")
-  parser.add_argument("--matmul_size", type=int, default=None,
-                      help="side of the square matmul that measures the peak")
-  parser.add_argument("--remat", action="store_true", help="rematerialise blocks (less memory)")
-  parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    prog='python -m mixer_vit.benchmark',
+    description='Compile time, images/s and FLOP/s (vs. a measured matmul peak) of a model.',
+  )
+  parser.add_argument('--model', required=True, help='model name, e.g. ViT-B_16')
+  parser.add_argument('--batch', type=int, default=32, help='global batch size')
+  parser.add_argument('--train', action='store_true', help='time the training step')
+  parser.add_argument(
+    '--dtype',
+    choices=('float32', 'bfloat16', 'float16'),
+    default='float32',
+    help='compute dtype (parameters stay float32)',
+  )
+  parser.add_argument('--resolution', help="R or H,W (default: the model's, 224)")
+  parser.add_argument('--num_classes', type=int, default=1000)
+  parser.add_argument('--runs', type=int, default=10, help='timed runs (median reported)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed runs after compiling')
+  parser.add_argument(
+    '--matmul_size', type=int, default=None, help='side of the square matmul that measures the peak'
+  )
+  parser.add_argument('--remat', action='store_true', help='rematerialise blocks (less memory)')
+  parser.add_argument('--json', action='store_true', help='print the result as JSON')
   args = parser.parse_args(argv)
   try:
     resolution = sizes.parse(args.resolution)
-    result = benchmark(args.model, args.batch, args.train, args.dtype, resolution,
-                       args.num_classes, args.runs, args.warmup, args.matmul_size,
-                       overrides={"remat": True} if args.remat else None)
+    result = benchmark(
+      args.model,
+      args.batch,
+      args.train,
+      args.dtype,
+      resolution,
+      args.num_classes,
+      args.runs,
+      args.warmup,
+      args.matmul_size,
+      overrides={'remat': True} if args.remat else None,
+    )
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     return 2
   if args.json:
     print(json.dumps(dataclasses.asdict(result)))
@@ -320,6 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  tcmalloc.maybe_reexec("mixer_vit.benchmark")
+if __name__ == '__main__':
+  tcmalloc.maybe_reexec('mixer_vit.benchmark')
   sys.exit(main())

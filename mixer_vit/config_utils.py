@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.dtype = 'float32'  # Compute dtype ('bfloat16' for speed); parameters stay float32.
   # A `.npz` checkpoint (local or gs://) to start from: its head is replaced and its position
-  # embeddings are resized to this model (checkpoint.load_pretrained).
+  # embeddings are resized to this model (models.load_pretrained).
   c.pretrained = ml_collections.FieldReference(None, field_type=str)
 
   # Optimisation.
@@ -81,8 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, positional: tuple[str, ...] = (), **defaults: Any
-              ) -> ml_collections.ConfigDict:
+def parse_arg(
+  arg: str | None, positional: tuple[str, ...] = (), **defaults: Any
+) -> ml_collections.ConfigDict:
   """Parses a config-file argument like ``ViT-B_16,cifar10`` or ``model=ViT-B_16,steps=100``.
 
   Args:
@@ -102,11 +103,14 @@ def parse_arg(arg: str | None, positional: tuple[str, ...] = (), **defaults: Any
     elif i < len(positional):
       name, value = positional[i], part
     else:
-      raise ValueError(f'config argument {arg!r}: cannot place {part!r}; give it as name=value '
-                       f'with a name from {sorted(defaults)}.')
+      raise ValueError(
+        f'config argument {arg!r}: cannot place {part!r}; give it as name=value '
+        f'with a name from {sorted(defaults)}.'
+      )
     if name not in defaults:
-      raise ValueError(f'config argument {arg!r}: unknown name {name!r}; known names: '
-                       f'{sorted(defaults)}.')
+      raise ValueError(
+        f'config argument {arg!r}: unknown name {name!r}; known names: {sorted(defaults)}.'
+      )
     default = defaults[name]
     if isinstance(default, bool):
       value = value.lower() in ('1', 'true', 'yes')

@@ -20,9 +20,7 @@ is then 1.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
-from collections.abc import Iterator
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 import dataclasses
 import json
 import os
@@ -41,27 +39,28 @@ from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.data import preprocess
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 # Ops that only concern labels; inference has none.
-_LABEL_OPS = ("onehot", "keep")
+_LABEL_OPS = ('onehot', 'keep')
 # Ops that fix the output resolution; without one a resize to the model's resolution is added.
-_SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
+_SIZE_OPS = ('resize', 'central_crop', 'random_crop', 'inception_crop')
 
 
 @dataclasses.dataclass
 class Classifier:
   """A model with its parameters and the preprocessing and class names that go with them."""
+
   model_config: Any
   model: Any  # flax module
   params: Any
   image_size: tuple[int, int]  # (H, W) the model is fed.
   pp: str  # Preprocessing of one encoded image, ending in values in [-1, 1].
   class_names: list[str] | None
-  activation: str = "softmax"  # 'softmax' or 'sigmoid' (models trained with sigmoid_xent).
-  source: str = ""  # The checkpoint path, for messages.
+  activation: str = 'softmax'  # 'softmax' or 'sigmoid' (models trained with sigmoid_xent).
+  source: str = ''  # The checkpoint path, for messages.
 
   def __post_init__(self):
-    self._apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x, train=False))
+    self._apply = jax.jit(lambda p, x: self.model.apply({'params': p}, x, train=False))
     self._pp_fn = None
 
   @property
@@ -77,10 +76,12 @@ class Classifier:
     """Encoded bytes (or a uint8 HWC array) -> float32 (H, W, 3) in [-1, 1] for this model."""
     if self._pp_fn is None:
       self._pp_fn = preprocess.get_preprocess_fn(self.pp)
-    out = np.asarray(self._pp_fn({"image": image})["image"], np.float32)
+    out = np.asarray(self._pp_fn({'image': image})['image'], np.float32)
     if out.shape != (*self.image_size, 3):
-      raise ValueError(f"preprocessing {self.pp!r} gave an image of shape {out.shape}, the model "
-                       f"needs {(*self.image_size, 3)}; pass --pp with a resize to that size")
+      raise ValueError(
+        f'preprocessing {self.pp!r} gave an image of shape {out.shape}, the model '
+        f'needs {(*self.image_size, 3)}; pass --pp with a resize to that size'
+      )
     return out
 
   def logits(self, images: np.ndarray) -> np.ndarray:
@@ -89,7 +90,7 @@ class Classifier:
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
     logits = self.logits(images)
-    if self.activation == "sigmoid":
+    if self.activation == 'sigmoid':
       return np.asarray(jax.nn.sigmoid(logits))
     return np.asarray(jax.nn.softmax(logits, axis=-1))
 
@@ -100,53 +101,59 @@ class Classifier:
 
 def read_labels(path: str) -> list[str]:
   """Class names, one per line, in label order (blank trailing lines ignored)."""
-  with open(path, encoding="utf-8") as f:
-    names = [line.rstrip("\r\n") for line in f]
+  with open(path, encoding='utf-8') as f:
+    names = [line.rstrip('\r\n') for line in f]
   while names and not names[-1].strip():
     names.pop()
   if not names:
-    raise ValueError(f"labels file {path} is empty; it needs one class name per line")
+    raise ValueError(f'labels file {path} is empty; it needs one class name per line')
   return names
 
 
 def inference_pp(pp_test: str, image_size: tuple[int, int]) -> str:
   """The evaluation pp string for encoded files: label ops dropped, decode first, size fixed."""
-  parts = [p.strip() for p in pp_test.split("|") if p.strip()]
-  names = [re.match(r"\w+", p).group(0) if re.match(r"\w+", p) else p for p in parts]
+  parts = [p.strip() for p in pp_test.split('|') if p.strip()]
+  names = [re.match(r'\w+', p).group(0) if re.match(r'\w+', p) else p for p in parts]
   kept = [(n, p) for n, p in zip(names, parts) if n not in _LABEL_OPS]
-  if not kept or kept[0][0] != "decode":
-    kept.insert(0, ("decode", "decode"))
+  if not kept or kept[0][0] != 'decode':
+    kept.insert(0, ('decode', 'decode'))
   if not any(n in _SIZE_OPS for n, _ in kept):
     h, w = image_size
-    kept.insert(1, ("resize", f"resize(({h}, {w}))"))
-  return "|".join(p for _, p in kept)
+    kept.insert(1, ('resize', f'resize(({h}, {w}))'))
+  return '|'.join(p for _, p in kept)
 
 
 def _npz_overrides(tree: dict, base_config: Any) -> dict[str, Any]:
   """Head width, representation size and (ViT) classifier read from a parameter tree."""
   overrides = {}
-  if base_config.family == "vit":
+  if base_config.family == 'vit':
     # The pooling follows from the parameters: a class token, a MAP head, or neither (gap).
-    if "MAPHead_0" in tree:
-      overrides["classifier"] = "map"
-    elif "cls" in tree:
-      if base_config.classifier not in ("token", "token_unpooled"):
-        overrides["classifier"] = "token"
-    elif base_config.classifier in ("token", "token_unpooled", "map"):
-      overrides["classifier"] = "gap"
-  head = tree.get("head", {})
-  if "kernel" in head:
-    overrides["num_classes"] = int(np.shape(head["kernel"])[-1])
-  pre = tree.get("pre_logits", {})
-  if "kernel" in pre:
-    overrides["representation_size"] = int(np.shape(pre["kernel"])[-1])
+    if 'MAPHead_0' in tree:
+      overrides['classifier'] = 'map'
+    elif 'cls' in tree:
+      if base_config.classifier not in ('token', 'token_unpooled'):
+        overrides['classifier'] = 'token'
+    elif base_config.classifier in ('token', 'token_unpooled', 'map'):
+      overrides['classifier'] = 'gap'
+  head = tree.get('head', {})
+  if 'kernel' in head:
+    overrides['num_classes'] = int(np.shape(head['kernel'])[-1])
+  pre = tree.get('pre_logits', {})
+  if 'kernel' in pre:
+    overrides['representation_size'] = int(np.shape(pre['kernel'])[-1])
   return overrides
 
 
-def load_classifier(checkpoint_path: str, model: str | None = None, *,
-                    labels: str | None = None, resolution: Sequence[int] | int | None = None,
-                    pp: str | None = None, dtype: str | None = None,
-                    activation: str | None = None) -> Classifier:
+def load_classifier(
+  checkpoint_path: str,
+  model: str | None = None,
+  *,
+  labels: str | None = None,
+  resolution: Sequence[int] | int | None = None,
+  pp: str | None = None,
+  dtype: str | None = None,
+  activation: str | None = None,
+) -> Classifier:
   """A ``Classifier`` from a training workdir or an ``.npz`` file (see the module docstring).
 
   Args:
@@ -163,53 +170,73 @@ def load_classifier(checkpoint_path: str, model: str | None = None, *,
   if workdir_lib.is_workdir(checkpoint_path):
     trained = workdir_lib.load_workdir(checkpoint_path)
     if model and models.resolve_name(model) != models.resolve_name(trained.config.model_name):
-      raise ValueError(f"--model={model} but the workdir {checkpoint_path} trained "
-                       f"{trained.config.model_name}; leave --model out for a workdir")
+      raise ValueError(
+        f'--model={model} but the workdir {checkpoint_path} trained '
+        f'{trained.config.model_name}; leave --model out for a workdir'
+      )
     model_config, module = trained.model_config, trained.model
     if dtype and dtype != model_config.dtype:
       config = trained.config.copy_and_resolve_references()
       config.dtype = dtype
-      model_config, module = steps.make_model(config, model_config.num_classes,
-                                              trained.image_shape[:2])
+      model_config, module = steps.make_model(
+        config, model_config.num_classes, trained.image_shape[:2]
+      )
     image_size = tuple(trained.image_shape[:2])
     if resolution and tuple(resolution) != image_size:
-      raise ValueError(f"--resolution={resolution} differs from the workdir's training "
-                       f"resolution {image_size}; a workdir's model runs at its own resolution")
+      raise ValueError(
+        f"--resolution={resolution} differs from the workdir's training "
+        f"resolution {image_size}; a workdir's model runs at its own resolution"
+      )
     return Classifier(
-        model_config=model_config, model=module, params=trained.params,
-        image_size=image_size, pp=pp or inference_pp(trained.config.pp_test, image_size),
-        class_names=read_labels(labels) if labels else trained.class_names,
-        activation=activation or ("sigmoid" if trained.config.loss == "sigmoid_xent"
-                                  else "softmax"),
-        source=checkpoint_path)
+      model_config=model_config,
+      model=module,
+      params=trained.params,
+      image_size=image_size,
+      pp=pp or inference_pp(trained.config.pp_test, image_size),
+      class_names=read_labels(labels) if labels else trained.class_names,
+      activation=activation or ('sigmoid' if trained.config.loss == 'sigmoid_xent' else 'softmax'),
+      source=checkpoint_path,
+    )
 
   if os.path.isdir(checkpoint_path):
-    raise ValueError(f"{checkpoint_path} is a folder without config.json: pass a training "
-                     "workdir (python -m mixer_vit.main --workdir=...) or an .npz file")
-  if not os.path.exists(checkpoint_path) and "://" not in checkpoint_path:
-    raise FileNotFoundError(f"checkpoint {checkpoint_path} not found")
+    raise ValueError(
+      f'{checkpoint_path} is a folder without config.json: pass a training '
+      'workdir (python -m mixer_vit.main --workdir=...) or an .npz file'
+    )
+  if not os.path.exists(checkpoint_path) and '://' not in checkpoint_path:
+    raise FileNotFoundError(f'checkpoint {checkpoint_path} not found')
   if not model:
-    raise ValueError("--model is required for an .npz checkpoint (e.g. --model=ViT-B_16); "
-                     f"known models: {', '.join(models.list_models())}")
+    raise ValueError(
+      '--model is required for an .npz checkpoint (e.g. --model=ViT-B_16); '
+      f'known models: {", ".join(models.list_models())}'
+    )
   tree = params_io.load_npz(checkpoint_path)
   overrides = _npz_overrides(tree, models.get_model_config(model))
   if dtype:
-    overrides["dtype"] = dtype
+    overrides['dtype'] = dtype
   if resolution:
-    overrides["image_size"] = tuple(resolution)
+    overrides['image_size'] = tuple(resolution)
   model_config = models.get_model_config(model, **overrides)
   params = models.load_params(tree, model_config)
   image_size = models.image_size_from_params(params, model_config)
   image_size = tuple(image_size or model_config.image_size)
   class_names = read_labels(labels) if labels else None
   if class_names and len(class_names) != model_config.num_classes:
-    raise ValueError(f"{labels} has {len(class_names)} names but the checkpoint has "
-                     f"{model_config.num_classes} classes")
+    raise ValueError(
+      f'{labels} has {len(class_names)} names but the checkpoint has '
+      f'{model_config.num_classes} classes'
+    )
   h, w = image_size
   return Classifier(
-      model_config=model_config, model=models.build_model(model_config), params=params,
-      image_size=image_size, pp=pp or f"decode|resize(({h}, {w}))|value_range(-1, 1)",
-      class_names=class_names, activation=activation or "softmax", source=checkpoint_path)
+    model_config=model_config,
+    model=models.build_model(model_config),
+    params=params,
+    image_size=image_size,
+    pp=pp or f'decode|resize(({h}, {w}))|value_range(-1, 1)',
+    class_names=class_names,
+    activation=activation or 'softmax',
+    source=checkpoint_path,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,29 +250,31 @@ def list_images(paths: Iterable[str]) -> list[str]:
     if os.path.isdir(path):
       for root, dirs, files in os.walk(path):
         dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
+        found.extend(
+          os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
     else:
       found.append(path)
   return found
 
 
 def _read(path: str) -> bytes:
-  with open(path, "rb") as f:
+  with open(path, 'rb') as f:
     return f.read()
 
 
 def error_text(error: Exception) -> str:
   """One readable line: TensorFlow's op-location prefix and suffix dropped."""
   text = str(error).strip().splitlines()
-  text = text[0] if text else ""
-  text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
-  text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip() or type(error).__name__
-  return f"{type(error).__name__}: {text}"
+  text = text[0] if text else ''
+  text = re.sub(r'\{\{[^}]*\}\}\s*', '', text)
+  text = re.sub(r'\s*\[Op:[^\]]*\].*$', '', text).strip() or type(error).__name__
+  return f'{type(error).__name__}: {text}'
 
 
-def classify_files(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
-                   batch_size: int = 32) -> Iterator[dict[str, Any]]:
+def classify_files(
+  classifier: Classifier, paths: Sequence[str], top_k: int = 5, batch_size: int = 32
+) -> Iterator[dict[str, Any]]:
   """Yields, per file in order, ``{'file', 'predictions': [{'label', 'name', 'probability'}]}``
   or ``{'file', 'error'}`` for a file that could not be read or decoded."""
   top_k = max(1, min(top_k, classifier.num_classes))
@@ -258,20 +287,24 @@ def classify_files(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
       batch = np.stack([x for _, x in good])
       # A fixed batch shape compiles once; the padding rows are dropped.
       padded = np.zeros((batch_size, *batch.shape[1:]), np.float32)
-      padded[:len(batch)] = batch
-      p = classifier.probabilities(padded)[:len(batch)]
+      padded[: len(batch)] = batch
+      p = classifier.probabilities(padded)[: len(batch)]
       probs = {i: row for i, row in enumerate(p)}
     j = 0
     for path, _, error in pending:
       if error is not None:
-        yield {"file": path, "error": error}
+        yield {'file': path, 'error': error}
         continue
       row = probs[j]
       j += 1
-      order = np.argsort(-row, kind="stable")[:top_k]
-      yield {"file": path, "predictions": [
-          {"label": int(i), "name": classifier.class_name(int(i)), "probability": float(row[i])}
-          for i in order]}
+      order = np.argsort(-row, kind='stable')[:top_k]
+      yield {
+        'file': path,
+        'predictions': [
+          {'label': int(i), 'name': classifier.class_name(int(i)), 'probability': float(row[i])}
+          for i in order
+        ],
+      }
     pending.clear()
 
   for path in paths:
@@ -286,12 +319,12 @@ def classify_files(classifier: Classifier, paths: Sequence[str], top_k: int = 5,
 
 
 def format_result(result: dict[str, Any]) -> str:
-  if "error" in result:
-    return f"{result['file']}: ERROR {result['error']}"
-  lines = [result["file"]]
-  for p in result["predictions"]:
-    lines.append(f"  {p['probability']:8.4f}  {p['label']:>5d}  {p['name']}")
-  return "\n".join(lines)
+  if 'error' in result:
+    return f'{result["file"]}: ERROR {result["error"]}'
+  lines = [result['file']]
+  for p in result['predictions']:
+    lines.append(f'  {p["probability"]:8.4f}  {p["label"]:>5d}  {p["name"]}')
+  return '\n'.join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,47 +333,55 @@ def format_result(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m mixer_vit.infer", description=__doc__.split("\n\n")[0].strip(),
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
-  parser.add_argument("--checkpoint", required=True, help="training workdir or .npz file")
-  parser.add_argument("--model", help="model name (required for .npz), e.g. ViT-B_16")
-  parser.add_argument("--labels", help="class names, one per line, in label order")
-  parser.add_argument("--top_k", type=int, default=5)
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--resolution", help="R or H,W (.npz checkpoints of non-square grids)")
-  parser.add_argument("--pp", help="preprocessing string replacing the default")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-  parser.add_argument("--activation", choices=("softmax", "sigmoid"), default=None)
-  parser.add_argument("--json", action="store_true", help="one JSON object per line and image")
+    prog='python -m mixer_vit.infer',
+    description=__doc__.split('\n\n')[0].strip(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
+  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
+  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
+  parser.add_argument('--labels', help='class names, one per line, in label order')
+  parser.add_argument('--top_k', type=int, default=5)
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
+  parser.add_argument('--pp', help='preprocessing string replacing the default')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
+  parser.add_argument('--activation', choices=('softmax', 'sigmoid'), default=None)
+  parser.add_argument('--json', action='store_true', help='one JSON object per line and image')
   args = parser.parse_args(argv)
 
   try:
     classifier = load_classifier(
-        args.checkpoint, args.model, labels=args.labels,
-        resolution=sizes.parse(args.resolution), pp=args.pp, dtype=args.dtype,
-        activation=args.activation)
+      args.checkpoint,
+      args.model,
+      labels=args.labels,
+      resolution=sizes.parse(args.resolution),
+      pp=args.pp,
+      dtype=args.dtype,
+      activation=args.activation,
+    )
   except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     return 2
   files = list_images(args.images)
   if not files:
-    print(f"error: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {args.images}",
-          file=sys.stderr)
+    print(
+      f'error: no image files ({", ".join(IMAGE_EXTENSIONS)}) in {args.images}', file=sys.stderr
+    )
     return 2
   failed = 0
   for result in classify_files(classifier, files, args.top_k, args.batch_size):
-    if "error" in result:
+    if 'error' in result:
       failed += 1
-      print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
+      print(f'error: {result["file"]}: {result["error"]}', file=sys.stderr)
       if args.json:
         print(json.dumps(result), flush=True)
       continue
     print(json.dumps(result) if args.json else format_result(result), flush=True)
   if failed:
-    print(f"{failed} of {len(files)} files could not be classified", file=sys.stderr)
+    print(f'{failed} of {len(files)} files could not be classified', file=sys.stderr)
   return 1 if failed else 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +16,14 @@ def softmax_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Independent binary cross-entropies summed over classes (the Mixer/big_vision loss); (B,)."""
   logits = logits.astype(jnp.float32)
-  return -jnp.sum(labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits),
-                  axis=-1)
+  return -jnp.sum(
+    labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits), axis=-1
+  )
 
 
 LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    'softmax_xent': softmax_xent,
-    'sigmoid_xent': sigmoid_xent,
+  'softmax_xent': softmax_xent,
+  'sigmoid_xent': sigmoid_xent,
 }
 
 

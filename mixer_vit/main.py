@@ -23,20 +23,31 @@ from ml_collections import config_flags
 from mixer_vit import tcmalloc
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config file, e.g. configs/digits.py or configs/pretrain.py:'
-    'ViT-Ti_16,cifar10; override values with --config.KEY=VALUE.', lock_config=True)
+  'config',
+  None,
+  'Training config file, e.g. configs/digits.py or configs/pretrain.py:'
+  'ViT-Ti_16,cifar10; override values with --config.KEY=VALUE.',
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, metrics and the final params.npz; an existing '
-    'one is resumed.')
+  'workdir',
+  None,
+  'Directory for checkpoints, metrics and the final params.npz; an existing one is resumed.',
+)
 _MULTIHOST = flags.DEFINE_bool(
-    'multihost', None, 'Call jax.distributed.initialize() first (one process per host). Default: '
-    'on when the environment has MIXER_VIT_MULTIHOST=1.')
+  'multihost',
+  None,
+  'Call jax.distributed.initialize() first (one process per host). Default: '
+  'on when the environment has MIXER_VIT_MULTIHOST=1.',
+)
 
 
 def _quiet_orbax():
   """Orbax logs every save step by step at INFO; keep its warnings, drop the rest."""
+
   def keep(record):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
   logging.get_absl_logger().addFilter(keep)
 
 
@@ -51,9 +62,11 @@ def parse_flags(argv):
     reason = e
     while isinstance(reason, BaseException) and reason.args:
       reason = reason.args[0]
-    sys.exit(f'Unknown config key in {" ".join(overrides)}: {reason}\nEvery --config.KEY must be '
-             'a key of the config file\'s get_config() (see configs/ and '
-             'mixer_vit/config_utils.py).')
+    sys.exit(
+      f'Unknown config key in {" ".join(overrides)}: {reason}\nEvery --config.KEY must be '
+      "a key of the config file's get_config() (see configs/ and "
+      'mixer_vit/config_utils.py).'
+    )
 
 
 def main(argv):
@@ -62,6 +75,7 @@ def main(argv):
   # Imported here, after the tcmalloc restart: JAX and TensorFlow take seconds to import.
   from mixer_vit import parallel  # noqa: PLC0415
   from mixer_vit import train  # noqa: PLC0415
+
   _quiet_orbax()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())

@@ -6,11 +6,12 @@ can read a run's history without TensorBoard.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -76,10 +77,12 @@ def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricW
   if not is_primary:
     return metric_writers.MultiWriter([])
   os.makedirs(workdir, exist_ok=True)
-  return metric_writers.MultiWriter([
+  return metric_writers.MultiWriter(
+    [
       metric_writers.SummaryWriter(workdir),
       JsonlWriter(os.path.join(workdir, workdir_lib.METRICS_FILE)),
-  ])
+    ]
+  )
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -24,8 +24,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   lr, warmup, total = config.lr, config.warmup_steps, config.total_steps
   end = config.get('lr_end', 0.0) or 0.0
   if warmup >= total and total > 0:
-    raise ValueError(f'warmup_steps ({warmup}) must be smaller than total_steps ({total}); '
-                     f'lower it, e.g. --config.warmup_steps={total // 10}.')
+    raise ValueError(
+      f'warmup_steps ({warmup}) must be smaller than total_steps ({total}); '
+      f'lower it, e.g. --config.warmup_steps={total // 10}.'
+    )
   decay_steps = max(total - warmup, 1)
   if config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
@@ -43,9 +45,11 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 def decay_mask(params: Any) -> Any:
   """True for the weight matrices/filters (leaves named ``kernel``), False for biases, norms,
   embeddings and tokens, which weight decay leaves alone."""
+
   def is_kernel(path, _):
     last = path[-1]
     return getattr(last, 'key', getattr(last, 'name', None)) == 'kernel'
+
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
@@ -53,8 +57,9 @@ def _dtype(name: str | None):
   return None if name in (None, '', 'None') else jnp.dtype(name)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+  config: ml_collections.ConfigDict, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
   """The optax optimiser for ``config`` (see the module docstring for its order)."""
   schedule = schedule or make_schedule(config)
   mu_dtype = _dtype(config.get('mu_dtype'))

@@ -8,15 +8,18 @@ only its own slice of the global batch (``process_batch_size`` examples) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
-from typing import Any, Sequence
+from typing import Any
 
-import jax
-import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
-DATA_AXIS = "data"
+DATA_AXIS = 'data'
 
 
 def maybe_initialize_distributed(enable: bool | None = None) -> None:
@@ -28,17 +31,21 @@ def maybe_initialize_distributed(enable: bool | None = None) -> None:
   auto-detection on TPU pods / SLURM).
   """
   if enable is None:
-    enable = os.environ.get("MIXER_VIT_MULTIHOST", "0") not in ("", "0", "false", "False")
+    enable = os.environ.get('MIXER_VIT_MULTIHOST', '0') not in ('', '0', 'false', 'False')
   if enable:
     # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id.
     kwargs = {}
-    for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    for name, var in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID')):
       if os.environ.get(var):
         kwargs[name] = int(os.environ[var])
     jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+    logging.info(
+      'jax.distributed: process %d of %d, %d local / %d global devices',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+    )
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -71,9 +78,10 @@ def process_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The number of examples this process must feed for a global batch of ``global_batch_size``."""
   if global_batch_size % mesh.size:
     raise ValueError(
-        f"batch size {global_batch_size} is not divisible by the {mesh.size} devices of the "
-        f"mesh; choose a multiple of {mesh.size} (e.g. --config.batch_size="
-        f"{max(mesh.size, global_batch_size // mesh.size * mesh.size)}).")
+      f'batch size {global_batch_size} is not divisible by the {mesh.size} devices of the '
+      f'mesh; choose a multiple of {mesh.size} (e.g. --config.batch_size='
+      f'{max(mesh.size, global_batch_size // mesh.size * mesh.size)}).'
+    )
   num_processes = len(mesh_process_indices(mesh))
   return global_batch_size // num_processes
 
@@ -90,7 +98,8 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Turns this process's numpy arrays into global arrays split over the data axis."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

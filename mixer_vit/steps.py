@@ -8,9 +8,7 @@ shardings from ``mixer_vit.parallel`` (batch split over the ``data`` axis, state
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from collections.abc import Iterable
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax
@@ -164,9 +162,7 @@ def make_eval_step(
     }
 
   repl = parallel.replicated(mesh)
-  return jax.jit(
-    eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl
-  )
+  return jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
 
 
 def evaluate(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-PATHS = ('/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
-         '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
-         '/usr/lib/libtcmalloc_minimal.so.4')
+PATHS = (
+  '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
+  '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
+  '/usr/lib/libtcmalloc_minimal.so.4',
+)
 
 
 def library_path() -> str | None:

@@ -77,9 +77,10 @@ def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     raise ValueError(f'accum_steps must be >= 1 (got {k}).')
   if config.batch_size % (k * mesh.size):
     raise ValueError(
-        f'batch_size {config.batch_size} must be divisible by accum_steps ({k}) times the '
-        f'number of devices ({mesh.size}); e.g. --config.batch_size='
-        f'{max(1, config.batch_size // (k * mesh.size)) * k * mesh.size}.')
+      f'batch_size {config.batch_size} must be divisible by accum_steps ({k}) times the '
+      f'number of devices ({mesh.size}); e.g. --config.batch_size='
+      f'{max(1, config.batch_size // (k * mesh.size)) * k * mesh.size}.'
+    )
   if config.total_steps < 0:
     raise ValueError(f'total_steps must be >= 0 (got {config.total_steps}).')
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
@@ -94,21 +95,29 @@ class _History:
   ``pending`` holds device values not looked at yet (reading them waits for the step), ``seen``
   their host copies, averaged by ``summary``.
   """
+
   pending: list = dataclasses.field(default_factory=list)  # (step, device metrics)
   seen: list = dataclasses.field(default_factory=list)  # host metrics
 
   def check_finite(self, workdir: str, last_saved: int | None):
     values = parallel.to_host([m for _, m in self.pending])
     for (step, _), row in zip(self.pending, values):
-      bad = {k: float(row[k]) for k in ('loss', 'grad_norm', 'param_norm')
-             if not math.isfinite(float(row[k]))}
+      bad = {
+        k: float(row[k])
+        for k in ('loss', 'grad_norm', 'param_norm')
+        if not math.isfinite(float(row[k]))
+      }
       if bad:
-        kept = (f'The checkpoint of step {last_saved} in {workdir}/'
-                f'{workdir_lib.CHECKPOINT_DIR} is kept (a restart resumes from it).'
-                if last_saved is not None else 'No checkpoint was written.')
+        kept = (
+          f'The checkpoint of step {last_saved} in {workdir}/'
+          f'{workdir_lib.CHECKPOINT_DIR} is kept (a restart resumes from it).'
+          if last_saved is not None
+          else 'No checkpoint was written.'
+        )
         raise NonFiniteLossError(
-            f'Non-finite training values at step {step}: {bad}. Training stopped. {kept} Lower '
-            'config.lr, raise config.warmup_steps or check the data.')
+          f'Non-finite training values at step {step}: {bad}. Training stopped. {kept} Lower '
+          'config.lr, raise config.warmup_steps or check the data.'
+        )
     self.seen.extend(values)
     self.pending = []
 
@@ -123,9 +132,10 @@ class _History:
 def _check_pretrained(path: str):
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
-        f'config.pretrained={path!r} does not exist. Download a released checkpoint (e.g. wget '
-        'https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz) or give the '
-        'params.npz of a finished run: --config.pretrained=PATH.')
+      f'config.pretrained={path!r} does not exist. Download a released checkpoint (e.g. wget '
+      'https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz) or give the '
+      'params.npz of a finished run: --config.pretrained=PATH.'
+    )
 
 
 def _initial_state(config, model, model_config, tx, image_shape, key, mesh) -> steps.TrainState:
@@ -139,12 +149,16 @@ def _initial_state(config, model, model_config, tx, image_shape, key, mesh) -> s
   params = models.load_pretrained(config.pretrained, init_params, model_config)
   logging.info('Initialised from %s.', config.pretrained)
   return jax.jit(lambda p: steps.state_from_params(p, tx), out_shardings=repl)(
-      parallel.replicate(params, mesh))
+    parallel.replicate(params, mesh)
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       mesh: jax.sharding.Mesh | None = None,
-                       stop_after_step: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: jax.sharding.Mesh | None = None,
+  stop_after_step: int | None = None,
+) -> dict[str, Any]:
   """Trains (or resumes training) and evaluates; returns the last logged values.
 
   Args:
@@ -187,8 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if start_step:
       init = steps.make_init_fn(model, tx, image_shape)
-      abstract = workdir_lib.abstract_like(jax.eval_shape(init, init_key),
-                                           parallel.replicated(mesh))
+      abstract = workdir_lib.abstract_like(
+        jax.eval_shape(init, init_key), parallel.replicated(mesh)
+      )
       state = workdir_lib.restore_checkpoint(manager, abstract, start_step)
       logging.info('Resumed from the checkpoint of step %d in %s.', start_step, workdir)
     else:
@@ -205,8 +220,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def run_eval(step):
       throughput.pause()
       batches = data.make_eval_iterator(config, mesh)
-      values = steps.evaluate(eval_step, state.params, batches, info.num_classes,
-                              f'the test split {config.test_split!r} of {config.dataset!r}')
+      values = steps.evaluate(
+        eval_step,
+        state.params,
+        batches,
+        info.num_classes,
+        f'the test split {config.test_split!r} of {config.dataset!r}',
+      )
       writer.write_scalars(step, values)
       metrics.log(metrics.console_line(step, total, values))
       result.update(values, step=step)
@@ -240,8 +260,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last_saved = step
           throughput.resume()
         if stop:
-          logging.warning('Stopped after step %d of %d and saved a checkpoint in %s; run the same '
-                          'command again to resume.', step, total, workdir)
+          logging.warning(
+            'Stopped after step %d of %d and saved a checkpoint in %s; run the same '
+            'command again to resume.',
+            step,
+            total,
+            workdir,
+          )
           result['stopped_early'] = True
           break
     manager.wait_until_finished()
@@ -249,8 +274,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir_lib.save_params(workdir, parallel.to_host(state.params))
     # From the first step on: compilation, evaluations and checkpoints included, set-up not.
     result['train_seconds'] = time.perf_counter() - started
-    logging.info('Steps %d-%d took %s (compilation, evaluation and checkpoints included).',
-                 start_step + 1, result['step'], metrics.format_duration(result['train_seconds']))
+    logging.info(
+      'Steps %d-%d took %s (compilation, evaluation and checkpoints included).',
+      start_step + 1,
+      result['step'],
+      metrics.format_duration(result['train_seconds']),
+    )
   finally:
     if train_iter is not None:
       train_iter.close()

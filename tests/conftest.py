@@ -6,22 +6,22 @@ import socket
 import tempfile
 
 # Must happen before jax / tensorflow are imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="mixer_vit_tfds_"))
-os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='mixer_vit_tfds_'))
+os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = pathlib.Path(os.environ.get("MIXER_VIT_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = pathlib.Path(os.environ.get('MIXER_VIT_DATA', REPO_ROOT.parent / 'shared' / 'data'))
 
 
 def _is_local(address) -> bool:
   if isinstance(address, (str, bytes)):  # AF_UNIX
     return True
   host = str(address[0])
-  return host in ("localhost", "::1", "0.0.0.0", "") or host.startswith("127.")
+  return host in ('localhost', '::1', '0.0.0.0', '') or host.startswith('127.')
 
 
 _real_connect = socket.socket.connect
@@ -31,8 +31,9 @@ _real_connect_ex = socket.socket.connect_ex
 def _guarded(real):
   def connect(self, address):
     if not _is_local(address):
-      raise OSError(f"tests must not use the network (tried to connect to {address!r})")
+      raise OSError(f'tests must not use the network (tried to connect to {address!r})')
     return real(self, address)
+
   return connect
 
 
@@ -40,9 +41,9 @@ socket.socket.connect = _guarded(_real_connect)
 socket.socket.connect_ex = _guarded(_real_connect_ex)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope='session')
 def shared_data() -> pathlib.Path:
   """The real-data folder (MNIST, CIFAR-10, ImageNet class names); skips when it is absent."""
-  if not (SHARED_DATA / "README.md").exists():
-    pytest.skip(f"real data folder not found at {SHARED_DATA}; set MIXER_VIT_DATA to its path")
+  if not (SHARED_DATA / 'README.md').exists():
+    pytest.skip(f'real data folder not found at {SHARED_DATA}; set MIXER_VIT_DATA to its path')
   return SHARED_DATA

@@ -87,7 +87,7 @@ def test_patch_grid_from_config_for_plain_and_hybrid():
 
 
 def test_bad_attention_shape_says_what_to_pass():
-  with pytest.raises(ValueError, match='return_intermediates'):
+  with pytest.raises(ValueError, match='apply_with_intermediates'):
     attention.rollout(np.ones((2, 3, 3)))
   with pytest.raises(ValueError, match='out of range'):
     attention.head_maps(np.ones((2, 1, 1, 2, 2)) / 2, (1, 1), 'token', layer=5)

@@ -15,22 +15,27 @@ def test_xla_counts_a_matmul_as_two_n_cubed():
   n = 128
   x = jnp.ones((n, n), jnp.float32)
   compiled = jax.jit(lambda a, b: a @ b).lower(x, x).compile()
-  assert benchmark.xla_flops(compiled) == pytest.approx(2 * n ** 3, rel=0.01)
+  assert benchmark.xla_flops(compiled) == pytest.approx(2 * n**3, rel=0.01)
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("testing", {}),
-    ("testing", {"classifier": "gap", "representation_size": 16}),
-    ("testing-mixer", {}),
-])
+@pytest.mark.parametrize(
+  'name, overrides',
+  [
+    ('testing', {}),
+    ('testing', {'classifier': 'gap', 'representation_size': 16}),
+    ('testing-mixer', {}),
+  ],
+)
 def test_analytic_flops_agree_with_xla(name, overrides):
   config = models.get_model_config(name, **overrides)
   model = models.build_model(config)
   x = jnp.zeros((2, 32, 32, 3), jnp.float32)
-  params = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, x,
-                                             train=False))["params"]
-  compiled = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)).lower(
-      params, x).compile()
+  params = jax.eval_shape(lambda: model.init({'params': jax.random.PRNGKey(0)}, x, train=False))[
+    'params'
+  ]
+  compiled = (
+    jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(params, x).compile()
+  )
   xla = benchmark.xla_flops(compiled)
   analytic = benchmark.analytic_flops(config, (32, 32), 2)
   # XLA also counts softmax, norms, GELU and biases; the matmuls dominate.
@@ -41,42 +46,61 @@ def test_analytic_flops_agree_with_xla(name, overrides):
 def test_analytic_flops_of_vit_b16_match_the_published_count():
   # ViT-B/16 at 224: about 17.6 G multiply-adds per image (the "17.6 GFLOPs" usually quoted),
   # i.e. 35.1 GFLOP counting a multiply-add as two.
-  config = models.get_model_config("ViT-B_16")
+  config = models.get_model_config('ViT-B_16')
   assert benchmark.analytic_flops(config, (224, 224), 1) / 1e9 == pytest.approx(35.1, rel=0.02)
 
 
 def test_matmul_peak_is_measured():
   peak = benchmark.matmul_peak(jnp.float32, size=256, runs=3, warmup=1)
-  assert peak["size"] == 256
-  assert peak["seconds"] > 0
-  assert peak["flops_per_second"] == pytest.approx(2 * 256 ** 3 / peak["seconds"])
+  assert peak['size'] == 256
+  assert peak['seconds'] > 0
+  assert peak['flops_per_second'] == pytest.approx(2 * 256**3 / peak['seconds'])
 
 
-@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize('train', [False, True])
 def test_benchmark_of_a_tiny_model(train):
-  result = benchmark.benchmark("testing", batch=8, train=train, num_classes=10, runs=3,
-                               warmup=1, matmul_size=256, matmul_runs=2)
-  assert result.mode == ("train" if train else "inference")
+  result = benchmark.benchmark(
+    'testing',
+    batch=8,
+    train=train,
+    num_classes=10,
+    runs=3,
+    warmup=1,
+    matmul_size=256,
+    matmul_runs=2,
+  )
+  assert result.mode == ('train' if train else 'inference')
   assert result.resolution == (32, 32)
   assert len(result.step_seconds_all) == 3
   assert result.step_seconds_median == float(np.median(result.step_seconds_all))
   assert result.images_per_second == pytest.approx(8 / result.step_seconds_median)
   assert result.compile_seconds > 0
-  assert result.flops_source.startswith("XLA cost analysis")
+  assert result.flops_source.startswith('XLA cost analysis')
   # Training counts forward, backward and the update: about 3x the forward pass.
   ratio = result.flops_per_step / result.analytic_flops_per_step
   assert 0.9 < ratio < 1.5
   assert result.share_of_peak == pytest.approx(
-      result.achieved_flops_per_second / result.matmul_peak_flops_per_second)
-  assert "images/s" in result.summary()
+    result.achieved_flops_per_second / result.matmul_peak_flops_per_second
+  )
+  assert 'images/s' in result.summary()
 
 
 def test_command_prints_json(capsys):
-  rc = benchmark.main(["--model=testing", "--batch=8", "--runs=2", "--warmup=1",
-                       "--matmul_size=128", "--num_classes=10", "--resolution=16,24", "--json"])
+  rc = benchmark.main(
+    [
+      '--model=testing',
+      '--batch=8',
+      '--runs=2',
+      '--warmup=1',
+      '--matmul_size=128',
+      '--num_classes=10',
+      '--resolution=16,24',
+      '--json',
+    ]
+  )
   assert rc == 0
   result = json.loads(capsys.readouterr().out)
-  assert result["resolution"] == [16, 24] and result["batch"] == 8
-  assert result["images_per_second"] > 0
-  assert benchmark.main(["--model=testing", "--batch=7"]) == 2  # Not a multiple of 8 devices.
-  assert "multiple" in capsys.readouterr().err
+  assert result['resolution'] == [16, 24] and result['batch'] == 8
+  assert result['images_per_second'] > 0
+  assert benchmark.main(['--model=testing', '--batch=7']) == 2  # Not a multiple of 8 devices.
+  assert 'multiple' in capsys.readouterr().err

@@ -12,12 +12,37 @@ from mixer_vit import config_utils
 from mixer_vit import models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-REQUIRED_KEYS = ('total_steps', 'batch_size', 'dataset', 'seed', 'pretrained', 'model_name',
-                 'model', 'warmup_steps', 'optimizer', 'lr', 'schedule', 'grad_clip_norm',
-                 'weight_decay', 'accum_steps', 'loss', 'dtype', 'log_every', 'eval_every',
-                 'checkpoint_every', 'keep_checkpoints', 'train_split', 'test_split', 'pp_train',
-                 'pp_test', 'eval_batch_size', 'shuffle_buffer', 'prefetch', 'skip_corrupt',
-                 'data_dir')
+REQUIRED_KEYS = (
+  'total_steps',
+  'batch_size',
+  'dataset',
+  'seed',
+  'pretrained',
+  'model_name',
+  'model',
+  'warmup_steps',
+  'optimizer',
+  'lr',
+  'schedule',
+  'grad_clip_norm',
+  'weight_decay',
+  'accum_steps',
+  'loss',
+  'dtype',
+  'log_every',
+  'eval_every',
+  'checkpoint_every',
+  'keep_checkpoints',
+  'train_split',
+  'test_split',
+  'pp_train',
+  'pp_test',
+  'eval_batch_size',
+  'shuffle_buffer',
+  'prefetch',
+  'skip_corrupt',
+  'data_dir',
+)
 
 
 def _load(name: str):
@@ -42,10 +67,18 @@ def test_every_config_file_documents_a_command():
   assert files == {p.stem for p in CONFIG_DIR.glob('*.py')}, DOCUMENTED
 
 
-@pytest.mark.parametrize('file,arg', DOCUMENTED + [
-    ('pretrain', 'Mixer-B_16,imagenet2012'), ('pretrain', 'ViT-Ti_16,mnist'),
-    ('finetune', 'Mixer-B_16,cifar10'), ('finetune', 'ViT-B_16,imagenet2012'),
-    ('digits', 'vit'), ('digits', None)])
+@pytest.mark.parametrize(
+  'file,arg',
+  DOCUMENTED
+  + [
+    ('pretrain', 'Mixer-B_16,imagenet2012'),
+    ('pretrain', 'ViT-Ti_16,mnist'),
+    ('finetune', 'Mixer-B_16,cifar10'),
+    ('finetune', 'ViT-B_16,imagenet2012'),
+    ('digits', 'vit'),
+    ('digits', None),
+  ],
+)
 def test_config_loads_with_required_keys_and_valid_model(file, arg):
   config = _load(file).get_config(arg)
   assert isinstance(config, ml_collections.ConfigDict)
@@ -65,10 +98,20 @@ def test_recipes_follow_their_sources():
   assert vit.total_steps == 92_898  # 300 epochs of 99% of 1,281,167 images.
   mixer = _load('pretrain').get_config('Mixer-B_16,imagenet2012')
   assert (mixer.lr, mixer.weight_decay, mixer.schedule, mixer.loss) == (
-      1e-3, 1e-4, 'linear', 'sigmoid_xent')
+    1e-3,
+    1e-4,
+    'linear',
+    'sigmoid_xent',
+  )
   ft = _load('finetune').get_config('ViT-B_16,cifar10')
   assert (ft.optimizer, ft.momentum, ft.mu_dtype, ft.lr, ft.warmup_steps, ft.batch_size) == (
-      'sgd', 0.9, 'bfloat16', 0.03, 500, 512)
+    'sgd',
+    0.9,
+    'bfloat16',
+    0.03,
+    500,
+    512,
+  )
   assert ft.total_steps == 10_000 and ft.pretrained == 'ViT-B_16.npz'
   assert '384' in ft.pp_train and '384' in ft.pp_test
   assert _load('finetune').get_config('ViT-B_16,imagenet2012').total_steps == 20_000
@@ -87,18 +130,23 @@ def test_bad_config_args_fail_clearly():
 def _parse(*args):
   values = flags.FlagValues()
   argv = ['prog', *args]  # config_flags finds the override flags in argv when defining them.
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    'config', None, 'config', flag_values=values, lock_config=True, sys_argv=argv
+  )
   values(argv)
   return values.config
 
 
 def test_command_line_overrides_and_unknown_keys():
-  config = _parse(f'--config={CONFIG_DIR}/digits.py:mixer', '--config.total_steps=7',
-                  '--config.pretrained=/tmp/x.npz', '--config.model.hidden_size=16',
-                  '--config.dataset=/data/folder', '--config.data_dir=/tmp/tfds')
-  assert (config.total_steps, config.pretrained, config.model.hidden_size) == (
-      7, '/tmp/x.npz', 16)
+  config = _parse(
+    f'--config={CONFIG_DIR}/digits.py:mixer',
+    '--config.total_steps=7',
+    '--config.pretrained=/tmp/x.npz',
+    '--config.model.hidden_size=16',
+    '--config.dataset=/data/folder',
+    '--config.data_dir=/tmp/tfds',
+  )
+  assert (config.total_steps, config.pretrained, config.model.hidden_size) == (7, '/tmp/x.npz', 16)
   assert (config.dataset, config.data_dir) == ('/data/folder', '/tmp/tfds')
   with pytest.raises((AttributeError, KeyError), match='no_such_key'):
     _parse(f'--config={CONFIG_DIR}/digits.py', '--config.no_such_key=1')

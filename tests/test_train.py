@@ -24,8 +24,11 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 def compilation_cache_for_repeated_runs(tmp_path_factory):
   """These runs compile the same small programs many times (a run, its resumption, ...); JAX's
   persistent cache turns the repeats into look-ups. Restored afterwards."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
+  names = (
+    'jax_compilation_cache_dir',
+    'jax_persistent_cache_min_compile_time_secs',
+    'jax_persistent_cache_min_entry_size_bytes',
+  )
   before = {name: getattr(jax.config, name) for name in names}
   jax.config.update(names[0], str(tmp_path_factory.mktemp('jax_cache')))
   jax.config.update(names[1], 0)
@@ -68,8 +71,10 @@ def losses(workdir):
 
 
 def flat(params):
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {
+    '/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -83,8 +88,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 def digits_run(tmp_path_factory):
   """One short real run on digits (8 devices); several tests read its workdir."""
   workdir = str(tmp_path_factory.mktemp('digits'))
-  config = tiny_config(total_steps=150, warmup_steps=10, log_every=50, eval_every=75,
-                       checkpoint_every=75)
+  config = tiny_config(
+    total_steps=150, warmup_steps=10, log_every=50, eval_every=75, checkpoint_every=75
+  )
   result = train.train_and_evaluate(config, workdir)
   return config, workdir, result
 
@@ -99,8 +105,9 @@ def test_short_digits_run_learns_and_fills_the_workdir(digits_run):
   assert [r['step'] for r in rows if 'loss' in r] == [50, 100, 150]
   assert [r['step'] for r in rows if 'test_accuracy' in r] == [75, 150]
   assert rows[-1]['test_accuracy'] == pytest.approx(result['test_accuracy'])
-  assert all(np.isfinite(r['loss']) and r['lr'] >= 0 and r['img_per_s'] > 0
-             for r in rows if 'loss' in r)
+  assert all(
+    np.isfinite(r['loss']) and r['lr'] >= 0 and r['img_per_s'] > 0 for r in rows if 'loss' in r
+  )
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert workdir_lib.make_manager(workdir, config).all_steps() == [75, 150]
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -117,8 +124,9 @@ def test_load_workdir_returns_the_final_model(digits_run):
   assert trained.config.model.patches.size == (2, 2)
   npz = params_io.load_npz(os.path.join(workdir, 'params.npz'))
   assert_trees_close(trained.params, npz, rtol=0, atol=0)
-  logits = trained.model.apply({'params': trained.params},
-                               np.zeros((2, *trained.image_shape), np.float32), train=False)
+  logits = trained.model.apply(
+    {'params': trained.params}, np.zeros((2, *trained.image_shape), np.float32), train=False
+  )
   assert logits.shape == (2, 10)
 
 
@@ -133,8 +141,12 @@ def test_resume_from_the_middle_equals_an_uninterrupted_run(tmp_path):
   second = train.train_and_evaluate(config, parts)  # Same command again: resumes at 6.
   assert second['step'] == 12
   assert losses(parts) == pytest.approx(losses(full), rel=1e-6)
-  assert_trees_close(params_io.load_npz(os.path.join(parts, 'params.npz')),
-                     params_io.load_npz(os.path.join(full, 'params.npz')), rtol=1e-6, atol=1e-7)
+  assert_trees_close(
+    params_io.load_npz(os.path.join(parts, 'params.npz')),
+    params_io.load_npz(os.path.join(full, 'params.npz')),
+    rtol=1e-6,
+    atol=1e-7,
+  )
 
 
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
@@ -142,8 +154,9 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
   config = tiny_config(total_steps=5)
   config.model.update(dropout_rate=0.1, stochastic_depth=0.1)  # Same random masks, too.
   train.train_and_evaluate(config, str(tmp_path / 'eight'))
-  train.train_and_evaluate(config, str(tmp_path / 'one'),
-                           mesh=parallel.make_mesh(jax.devices()[:1]))
+  train.train_and_evaluate(
+    config, str(tmp_path / 'one'), mesh=parallel.make_mesh(jax.devices()[:1])
+  )
   eight, one = losses(str(tmp_path / 'eight')), losses(str(tmp_path / 'one'))
   assert sorted(eight) == [1, 2, 3, 4, 5]
   assert eight == pytest.approx(one, rel=1e-5)
@@ -155,10 +168,11 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
   train.train_and_evaluate(config, str(tmp_path / 'full'))
   config.accum_steps = 2
   train.train_and_evaluate(config, str(tmp_path / 'accum'))
-  assert losses(str(tmp_path / 'accum')) == pytest.approx(losses(str(tmp_path / 'full')),
-                                                           rel=1e-5)
-  assert_trees_close(params_io.load_npz(str(tmp_path / 'accum' / 'params.npz')),
-                     params_io.load_npz(str(tmp_path / 'full' / 'params.npz')))
+  assert losses(str(tmp_path / 'accum')) == pytest.approx(losses(str(tmp_path / 'full')), rel=1e-5)
+  assert_trees_close(
+    params_io.load_npz(str(tmp_path / 'accum' / 'params.npz')),
+    params_io.load_npz(str(tmp_path / 'full' / 'params.npz')),
+  )
 
 
 def test_batch_not_divisible_by_devices_times_accumulation_fails_clearly(tmp_path):
@@ -187,8 +201,15 @@ def test_finetuning_from_npz_replaces_the_head(digits_run, tmp_path):
   config.dataset = folder
   config.pretrained = pretrained
   config.pp_train = config.pp_test = 'decode|resize(8)|value_range(-1,1)|onehot'
-  config.update(batch_size=8, eval_batch_size=8, accum_steps=1, total_steps=1, warmup_steps=0,
-                lr=0.0, shuffle_buffer=16)  # lr 0: the parameters stay as initialised.
+  config.update(
+    batch_size=8,
+    eval_batch_size=8,
+    accum_steps=1,
+    total_steps=1,
+    warmup_steps=0,
+    lr=0.0,
+    shuffle_buffer=16,
+  )  # lr 0: the parameters stay as initialised.
   out = str(tmp_path / 'finetuned')
   result = train.train_and_evaluate(config, out)
   assert result['test_examples'] == 12

@@ -23,8 +23,15 @@ def _env():
 
 
 def test_help_lists_the_flags():
-  out = subprocess.run(_command('--help'), cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=120, check=False)
+  out = subprocess.run(
+    _command('--help'),
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   # absl's --help exits with status 1 by design; the usage text is what matters.
   assert 'Trains or fine-tunes' in out.stdout, out.stderr
   for flag in ('--config', '--workdir', '--[no]multihost'):
@@ -33,8 +40,14 @@ def test_help_lists_the_flags():
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
   out = subprocess.run(
-      _command('--config=configs/digits.py', f'--workdir={tmp_path}', '--config.total_step=3'),
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    _command('--config=configs/digits.py', f'--workdir={tmp_path}', '--config.total_step=3'),
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode != 0
   assert 'Unknown config key' in out.stderr and 'total_steps' in out.stderr  # Did you mean.
   assert not os.path.exists(tmp_path / 'checkpoints')
@@ -43,11 +56,21 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / 'run'
   process = subprocess.Popen(
-      _command('--config=configs/digits.py', f'--workdir={workdir}',
-               '--config.total_steps=100000', '--config.log_every=1',
-               '--config.checkpoint_every=100000', '--config.model.hidden_size=16',
-               '--config.batch_size=16'),
-      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _command(
+      '--config=configs/digits.py',
+      f'--workdir={workdir}',
+      '--config.total_steps=100000',
+      '--config.log_every=1',
+      '--config.checkpoint_every=100000',
+      '--config.model.hidden_size=16',
+      '--config.batch_size=16',
+    ),
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   jsonl = workdir / 'metrics.jsonl'
   deadline = time.time() + 180
   while time.time() < deadline and process.poll() is None:
