@@ -5,7 +5,9 @@ The names are those of the released checkpoints (gs://vit_models/...), plus `tes
 vit_jax/configs/models.py; the Mixer sizes missing there (S, H) follow Table 1 of the MLP-Mixer
 paper. As in the original list, no model has a `representation_size` by default: the
 ImageNet-21k ViT checkpoints carry a 768-wide `pre_logits` layer that `models.load_pretrained`
-drops (pass representation_size=768 to keep it).
+drops (pass representation_size=768 to keep it). The AugReg release's spellings resolve to the
+same configs: short names (`B_16`, `R26_S_32`), paper names (`B/16`, `R26+S/32`) and full file
+names (`augreg.py`), which also set the file's head and resolution.
 
 A config's keys are the module's fields (plus `name`, `family` and `image_size`), so
 `build_model` passes the config through: `patches.size`, `hidden_size`,
@@ -23,6 +25,7 @@ import flax.linen as nn
 import ml_collections
 
 from mixer_vit import sizes
+from mixer_vit.models import augreg
 from mixer_vit.models import common
 from mixer_vit.models import mixer
 from mixer_vit.models import vit
@@ -202,14 +205,22 @@ def list_models(include_aliases: bool = False) -> list[str]:
 
 
 def resolve_name(name: str) -> str:
-  """Canonical name for `name` or an AugReg short name ('R26_S_32')."""
+  """Canonical name for `name`, an AugReg short name ('R26_S_32'), paper name ('R26+S/32') or
+  released AugReg file name ('B_16-i21k-300ep-...', see `models.augreg`)."""
   if name in _CONFIGS:
     return name
   if name in _ALIASES:
     return _ALIASES[name]
+  paper_names = {paper: model for model, paper in augreg.MODELS.values()}
+  if name in paper_names:
+    return paper_names[name]
+  if augreg.is_file_name(name):
+    return augreg.parse(name).model
   raise ValueError(
     f'Unknown model {name!r}. Known models: {", ".join(_CONFIGS)}. '
-    f'AugReg short names: {", ".join(_ALIASES)}.'
+    f'AugReg short names: {", ".join(_ALIASES)}; AugReg paper names: {", ".join(paper_names)}; '
+    'and the released AugReg file names (B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-'
+    'sd_0.0[--imagenet2012-steps_20k-lr_0.01-res_384][.npz]).'
   )
 
 
@@ -294,12 +305,19 @@ def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
 def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The config of model `name` with `overrides` applied.
 
+  `name` may be a released AugReg file name (`models.augreg`): its config has the file's head
+  (21843 classes for ImageNet-21k pretraining), fine-tuning resolution and dropout 0.
+
   Overrides are keyed by config key; nested keys either dotted (`**{'transformer.num_layers': 2}`)
   or as nested dicts (`transformer={'num_layers': 2}`). Unknown keys raise a ValueError. The
   result is locked (new keys cannot be added by mistake).
   """
   config = _CONFIGS[resolve_name(name)]()
   config.lock()
+  # A released AugReg file name sets its head, resolution and dropout first; `overrides` win.
+  if augreg.is_file_name(name):
+    for key, value in augreg.config_overrides(augreg.parse(name)).items():
+      _apply_override(config, key, value)
   for key, value in _flatten_overrides(overrides):
     _apply_override(config, key, value)
   validate_config(config)
