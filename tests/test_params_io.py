@@ -10,25 +10,7 @@ import pytest
 from mixer_vit import models
 from mixer_vit import params_io
 
-
-def _random_params(config, image_size=None, seed=0):
-  """Random params of the model's shapes (eval_shape + numpy: no compiles)."""
-  model = models.build_model(config)
-  size = tuple(image_size or config.image_size)
-  shapes = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, *size, 3)))['params']
-  )
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: np.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
-
-
-def _equal_trees(a, b):
-  fa, fb = params_io.flatten(a), params_io.flatten(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
-
+import param_trees
 
 # --------------------------------------------------------------------------
 # Files.
@@ -36,13 +18,13 @@ def _equal_trees(a, b):
 
 def test_round_trip_is_exact(tmp_path):
   config = models.get_model_config('testing')
-  params = _random_params(config)
+  params = param_trees.random_params(config)
   path = tmp_path / 'params.npz'
   params_io.save_npz(params, path)
-  _equal_trees(params_io.load_npz(path), params)
+  param_trees.assert_trees_equal(params_io.load_npz(path), params)
   # Also from {'params': ...} and jax arrays, to a str path.
   params_io.save_npz({'params': jax.tree.map(jnp.asarray, params)}, str(tmp_path / 'b.npz'))
-  _equal_trees(params_io.load_npz(tmp_path / 'b.npz'), params)
+  param_trees.assert_trees_equal(params_io.load_npz(tmp_path / 'b.npz'), params)
   assert [p.name for p in tmp_path.iterdir()].count('params.npz') == 1
   assert not list(tmp_path.glob('*.tmp'))
 
@@ -61,7 +43,7 @@ def test_bfloat16_is_stored_as_float32(tmp_path):
 
 def test_file_layout_is_flat_per_layer_and_pickle_free(tmp_path):
   config = models.get_model_config('testing', scan=True)
-  stacked = _random_params(config)
+  stacked = param_trees.random_params(config)
   assert stacked['Transformer']['encoderblock']['LayerNorm_0']['scale'].shape == (2, 32)
   params_io.save_npz(stacked, tmp_path / 'p.npz')
   with np.load(tmp_path / 'p.npz', allow_pickle=False) as npz:
@@ -75,7 +57,7 @@ def test_file_layout_is_flat_per_layer_and_pickle_free(tmp_path):
   assert 'cls' in keys and 'head/kernel' in keys
   assert 'Transformer/posembed_input/pos_embedding' in keys
   assert not any(k.startswith('params/') or 'encoderblock/' in k for k in keys)
-  unrolled = _random_params(models.get_model_config('testing'))
+  unrolled = param_trees.random_params(models.get_model_config('testing'))
   assert keys == set(params_io.flatten(unrolled))
 
 
@@ -83,7 +65,7 @@ def test_gfile_paths(tmp_path):
   """Paths with a scheme go through tf.io.gfile (ram:// needs no network)."""
   params = {'x': np.arange(4.0, dtype=np.float32)}
   params_io.save_npz(params, 'ram://mixer_vit_test/p.npz')
-  _equal_trees(params_io.load_npz('ram://mixer_vit_test/p.npz'), params)
+  param_trees.assert_trees_equal(params_io.load_npz('ram://mixer_vit_test/p.npz'), params)
 
 
 def test_missing_file_error():
@@ -92,12 +74,12 @@ def test_missing_file_error():
 
 
 def test_stack_and_unstack_layers_are_inverse():
-  stacked = _random_params(models.get_model_config('testing-mixer', scan=True))
+  stacked = param_trees.random_params(models.get_model_config('testing-mixer', scan=True))
   assert params_io.is_stacked(stacked)
   unrolled = params_io.unstack_layers(stacked)
   assert not params_io.is_stacked(unrolled)
   assert {'MixerBlock_0', 'MixerBlock_1'} <= set(unrolled) and 'MixerBlock' not in unrolled
-  _equal_trees(params_io.stack_layers(unrolled), stacked)
+  param_trees.assert_trees_equal(params_io.stack_layers(unrolled), stacked)
   del unrolled['MixerBlock_0']
   with pytest.raises(ValueError, match='not numbered 0..0'):
     params_io.stack_layers(unrolled)

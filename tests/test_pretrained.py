@@ -13,16 +13,7 @@ from mixer_vit import models
 from mixer_vit import params_io
 from mixer_vit.models import vit
 
-
-def _random_params(config, image_size=None, seed=0):
-  """Random params of the model's shapes (eval_shape + numpy: no compiles)."""
-  model = models.build_model(config)
-  size = tuple(image_size or config.image_size)
-  shapes = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, *size, 3)))['params']
-  )
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: np.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+import param_trees
 
 
 def _logits(config, params, x):
@@ -32,14 +23,6 @@ def _logits(config, params, x):
 
 def _images(size=(32, 32), batch=2):
   return np.random.default_rng(0).uniform(-1, 1, (batch, *size, 3)).astype(np.float32)
-
-
-def _equal_trees(a, b):
-  fa, fb = params_io.flatten(a), params_io.flatten(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
-    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
 # --------------------------------------------------------------------------
@@ -86,7 +69,7 @@ def test_posemb_resize_matches_scipy_zoom_like_the_original():
 def test_scan_and_unrolled_models_give_the_same_logits_from_one_file(tmp_path):
   for name in ('testing', 'testing-mixer'):
     path = tmp_path / f'{name}.npz'
-    params_io.save_npz(_random_params(models.get_model_config(name)), path)
+    params_io.save_npz(param_trees.random_params(models.get_model_config(name)), path)
     x = _images()
     outputs = []
     for scan in (False, True):
@@ -99,7 +82,7 @@ def test_scan_and_unrolled_models_give_the_same_logits_from_one_file(tmp_path):
 
 def _pretrained(tmp_path, **overrides):
   config = models.get_model_config('testing', **overrides)
-  params = _random_params(config, seed=1)
+  params = param_trees.random_params(config, seed=1)
   path = tmp_path / 'pretrained.npz'
   params_io.save_npz(params, path)
   return path, params
@@ -108,27 +91,27 @@ def _pretrained(tmp_path, **overrides):
 def test_load_pretrained_replaces_head_and_drops_pre_logits(tmp_path):
   path, pretrained = _pretrained(tmp_path, representation_size=32, num_classes=21)
   config = models.get_model_config('testing', num_classes=5)
-  init = _random_params(config, seed=2)
+  init = param_trees.random_params(config, seed=2)
   params = models.load_pretrained(path, init, config)
   assert 'pre_logits' not in params
-  _equal_trees(params['head'], init['head'])
-  _equal_trees(params['Transformer'], pretrained['Transformer'])
-  _equal_trees(params['embedding'], pretrained['embedding'])
+  param_trees.assert_trees_equal(params['head'], init['head'])
+  param_trees.assert_trees_equal(params['Transformer'], pretrained['Transformer'])
+  param_trees.assert_trees_equal(params['embedding'], pretrained['embedding'])
   # Same representation size: pre_logits kept; a new one is fresh.
   config = models.get_model_config('testing', representation_size=32)
-  init = _random_params(config, seed=2)
+  init = param_trees.random_params(config, seed=2)
   params = models.load_pretrained(pretrained, init, config)
-  _equal_trees(params['pre_logits'], pretrained['pre_logits'])
+  param_trees.assert_trees_equal(params['pre_logits'], pretrained['pre_logits'])
   config = models.get_model_config('testing', representation_size=8)
-  init = _random_params(config, seed=2)
+  init = param_trees.random_params(config, seed=2)
   params = models.load_pretrained(pretrained, init, config)
-  _equal_trees(params['pre_logits'], init['pre_logits'])
+  param_trees.assert_trees_equal(params['pre_logits'], init['pre_logits'])
   # A new attention-pooling head starts from its initialisation too.
   gap = models.get_model_config('testing', classifier='gap')
   config = models.get_model_config('testing', classifier='map')
-  init = _random_params(config, seed=2)
-  params = models.load_pretrained(_random_params(gap), init, config)
-  _equal_trees(params['MAPHead_0'], init['MAPHead_0'])
+  init = param_trees.random_params(config, seed=2)
+  params = models.load_pretrained(param_trees.random_params(gap), init, config)
+  param_trees.assert_trees_equal(params['MAPHead_0'], init['MAPHead_0'])
 
 
 def test_load_pretrained_resizes_posemb_for_a_non_square_resolution(tmp_path):
@@ -136,7 +119,7 @@ def test_load_pretrained_resizes_posemb_for_a_non_square_resolution(tmp_path):
   config = models.get_model_config(
     'testing', image_size=(48, 32), scan=True, param_dtype='bfloat16', num_classes=3
   )
-  init = _random_params(config)
+  init = param_trees.random_params(config)
   params = models.load_pretrained(path, init, config)
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, init)
   assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params))
@@ -161,7 +144,7 @@ def test_load_pretrained_resizes_posemb_for_a_non_square_resolution(tmp_path):
 def test_load_pretrained_errors_name_the_offending_keys(tmp_path):
   _, pretrained = _pretrained(tmp_path)
   config = models.get_model_config('testing')
-  init = _random_params(config)
+  init = param_trees.random_params(config)
   broken = params_io.unflatten(params_io.flatten(pretrained))
   del broken['Transformer']['encoderblock_1']['LayerNorm_2']['scale']
   broken['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'] = np.zeros(
@@ -180,18 +163,20 @@ def test_load_pretrained_errors_name_the_offending_keys(tmp_path):
   ) in message
   with pytest.raises(ValueError, match='Missing keys'):
     deeper = models.get_model_config('testing', **{'transformer.num_layers': 3})
-    models.load_pretrained(pretrained, _random_params(deeper), deeper)
+    models.load_pretrained(pretrained, param_trees.random_params(deeper), deeper)
   mixer = models.get_model_config('testing-mixer', image_size=48)
   with pytest.raises(ValueError, match='token-mixing'):
     models.load_pretrained(
-      _random_params(models.get_model_config('testing-mixer')), _random_params(mixer), mixer
+      param_trees.random_params(models.get_model_config('testing-mixer')),
+      param_trees.random_params(mixer),
+      mixer,
     )
 
 
 def test_load_pretrained_fixes_legacy_layouts(tmp_path):
   resnet = {'num_layers': (1,), 'width_factor': 0.5}
   config = models.get_model_config('testing', resnet=resnet, patches={'size': 1})
-  params = _random_params(config)
+  params = param_trees.random_params(config)
   legacy = params_io.unflatten(
     {
       k: (v.reshape(1, 1, 1, -1) if '/gn' in '/' + k and k.endswith(('scale', 'bias')) else v)
@@ -213,8 +198,8 @@ def test_load_pretrained_fixes_legacy_layouts(tmp_path):
     }
   params_io.save_npz(legacy, tmp_path / 'legacy.npz')
   restored = models.load_pretrained(tmp_path / 'legacy.npz', params, config)
-  _equal_trees(restored, params)
-  _equal_trees(models.load_params(tmp_path / 'legacy.npz', config), params)
+  param_trees.assert_trees_equal(restored, params)
+  param_trees.assert_trees_equal(models.load_params(tmp_path / 'legacy.npz', config), params)
 
 
 def test_load_params_errors_say_which_setting_to_change(tmp_path):
