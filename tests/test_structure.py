@@ -11,7 +11,13 @@ import re
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'mixer_vit'
-TOOLS = ('mixer_vit.infer', 'mixer_vit.evaluate', 'mixer_vit.attention', 'mixer_vit.benchmark')
+TOOLS = (
+  'mixer_vit.infer',
+  'mixer_vit.evaluate',
+  'mixer_vit.attention',
+  'mixer_vit.benchmark',
+  'mixer_vit.checkpoints',
+)
 # Modules that may only import what is listed beside them (within mixer_vit).
 LOWER_LAYERS = {
   'mixer_vit.models': ('mixer_vit.models', 'mixer_vit.params_io', 'mixer_vit.sizes'),
