@@ -78,6 +78,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+
+  # Few-shot linear probes of the representation (mixer_vit.fewshot), logged as
+  # fewshot/<name>_<k>shot every `fewshot_every` steps (0: never).
+  c.fewshot_every = 0
+  c.fewshot = ml_collections.ConfigDict()
+  # name -> data set, or name -> {'dataset', 'train_split', 'test_split', 'pp'}; empty: the
+  # training data set with its train_split / test_split (pp: pp_test).
+  c.fewshot.datasets = ml_collections.ConfigDict()
+  c.fewshot.shots = (1, 5, 10, 25)  # Train examples per class.
+  c.fewshot.layer = 'pre_logits'  # Or 'logits', 'encoded', 'blocks/<i>' (token mean).
+  c.fewshot.l2_regs = tuple(2.0**k for k in range(-6, 17, 2))  # Ridge strengths tried.
+  c.fewshot.select = 'loo'  # 'loo': best leave-one-out on the shots; 'test': best test accuracy.
+  c.fewshot.seed = 0  # The choice of the shots.
   return c
 
 
