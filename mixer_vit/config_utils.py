@@ -71,6 +71,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 or None turns it off.
   c.accum_steps = 1  # Micro-batches per step (gradient accumulation inside the jitted step).
   c.loss = 'softmax_xent'  # 'softmax_xent' | 'sigmoid_xent'.
+  # Fine-tuning controls (mixer_vit.optim; all off by default). Patterns are regular expressions
+  # matched in full against the '/'-joined parameter names of the released checkpoints, e.g.
+  # 'head/kernel', 'Transformer/encoderblock_3/MlpBlock_3/Dense_0/bias', 'conv_root/kernel'.
+  # Frozen parameters get no update and no weight decay, don't count towards the clipping norm,
+  # and have no optimiser state. A pattern that matches no parameter is an error. Scan-stacked
+  # models name a block stack once ('Transformer/encoderblock/...', 'MixerBlock/...').
+  c.frozen = ''  # Freeze the parameters matching it, e.g. '(conv_root|gn_root|block\d+)/.*'.
+  c.trainable = ''  # If set, freeze every parameter NOT matching it, e.g. 'head/.*'.
+  # Learning-rate multipliers: ((pattern, multiplier > 0), ...); the first matching pattern wins,
+  # e.g. (('head/.*', 10.0),). They scale the learning rate, not the (decoupled) weight decay.
+  c.lr_mults = ()
+  # Layer-wise learning-rate decay for ViT / Mixer (1: off): with L blocks, block i gets
+  # layer_decay ** (L - i), the embedding / stem layer_decay ** (L + 1), head and final norm 1.
+  c.layer_decay = 1.0
 
   # Bookkeeping (in steps).
   c.log_every = 50
