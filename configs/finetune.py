@@ -20,6 +20,17 @@ ViT-B_16 (ImageNet-21k) -> cifar10 98.92% / 99.03% (7.2h / 7.7h), -> cifar100 92
 -> imagenet2012 84.62% / 84.61% (17.9h); ViT-B_32 -> cifar10 98.93% (1.6h).
 Shorter schedules work too, e.g. ``--config.total_steps=500 --config.warmup_steps=50`` (98.59%
 on cifar10 for ViT-B_16 in that table).
+
+Fine-tuning controls (``mixer_vit.optim``; all off here, as in the original code). Patterns are
+regular expressions matched in full against the checkpoint's parameter names:
+
+  --config.trainable='head/.*'                          # a linear probe: only the head trains
+  --config.frozen='(conv_root|gn_root|block\d+)/.*'     # R+ViT: freeze the ResNet stem
+  --config.lr_mults="(('head/.*', 10.0),)"              # the head at 10x the learning rate
+  --config.layer_decay=0.75                             # block i of L at 0.75 ** (L - i)
+
+Frozen parameters get no update, no weight decay and no optimiser state. With ``layer_decay``
+the embedding / stem trains at ``layer_decay ** (L + 1)`` and the head and final norm at 1.
 """
 
 from mixer_vit import config_utils
