@@ -15,7 +15,9 @@ Modules, each importing only those before it:
   images        image sizes from file headers; decoding under a limit on pixels
   folder        image folders ROOT/<split>/<class>/*.jpg
   sources       open_source(config): picks the source for config.dataset
+  randaug       RandAugment's image functions (the op randaug of preprocess)
   preprocess    the preprocessing ops and pp strings
+  mix           mixup and CutMix of training batches
   pipeline      per-process datasets and global batches
   benchmark, mnist_idx   command-line tools
 """

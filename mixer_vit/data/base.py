@@ -102,6 +102,62 @@ def _bool(key: str, value: Any, what: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixOption:
+  """Mixup or CutMix of training batches: applied to a batch with probability ``p``, the mixing
+  weight drawn from Beta(``alpha``, ``alpha``) (see ``mix``)."""
+
+  p: float
+  alpha: float
+
+
+_MIX_WHAT = {
+  'mixup': "e.g. {'p': 1.0, 'alpha': 0.2}: p = the probability that a batch is mixed, alpha = "
+  'the Beta(alpha, alpha) concentration (big_vision calls it mixup.p)',
+  'cutmix': "e.g. {'p': 0.5, 'alpha': 1.0}: p = the probability that a batch gets a pasted box, "
+  'alpha = the Beta(alpha, alpha) concentration of the kept area',
+}
+
+
+def _mix(key: str, value: Any) -> MixOption | None:
+  """``config.mixup`` / ``config.cutmix``: None, {} or p = 0 (off), or {'p', 'alpha'}."""
+  if value is None:
+    return None
+  if hasattr(value, 'to_dict'):
+    value = value.to_dict()
+  what = _MIX_WHAT[key]
+  if not isinstance(value, Mapping):
+    raise ValueError(f'config.{key} must be a dict ({what}) or None, got {value!r}')
+  unknown = sorted(set(value) - {'p', 'alpha'})
+  if unknown:
+    raise ValueError(f'config.{key} has unknown keys {unknown}; use p and alpha ({what})')
+  if not value:
+    return None
+  p = _float(f'{key}.p', value.get('p'), 1.0, 'the probability that a batch is mixed')
+  if p > 1:
+    raise ValueError(f'config.{key}.p must be a probability in [0, 1], got {p!r} ({what})')
+  if p == 0:
+    return None
+  if value.get('alpha') is None:
+    raise ValueError(f'config.{key}.alpha is not set; {what}')
+  alpha = _float(f'{key}.alpha', value.get('alpha'), 0.0, what)
+  if alpha <= 0:
+    raise ValueError(f'config.{key}.alpha must be > 0, got {alpha!r} ({what})')
+  return MixOption(p, alpha)
+
+
+def _mixes(mixup: Any, cutmix: Any) -> dict[str, MixOption | None]:
+  result = {'mixup': _mix('mixup', mixup), 'cutmix': _mix('cutmix', cutmix)}
+  total = sum(option.p for option in result.values() if option is not None)
+  if total > 1 + 1e-9:
+    raise ValueError(
+      f'config.mixup.p + config.cutmix.p = {total:g} > 1; a batch gets at most one of them (mixup '
+      "with probability mixup.p, CutMix with cutmix.p): e.g. timm's prob=1, switch_prob=0.5 is "
+      'mixup.p = cutmix.p = 0.5'
+    )
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """The settings of the input pipeline, read once from the training config.
 
@@ -125,6 +181,8 @@ class DataConfig:
   data_threads: int = 0  # tf.data threads (0: all cores).
   device_prefetch: int = 2  # Batches placed on the devices ahead of use.
   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # Larger images are refused (0: no limit).
+  mixup: MixOption | None = None  # Mixup of training batches (None: off).
+  cutmix: MixOption | None = None  # CutMix of training batches (None: off).
 
   @classmethod
   def from_config(cls, config: Any) -> DataConfig:
@@ -179,7 +237,13 @@ class DataConfig:
         0,
         'decoded pixels (height x width) an image may have; 0: no limit',
       ),
+      **_mixes(get('mixup'), get('cutmix')),
     )
+
+  @property
+  def mixes(self) -> bool:
+    """Whether training batches are mixed (mixup or CutMix)."""
+    return self.mixup is not None or self.cutmix is not None
 
   def require(self, key: str) -> Any:
     """The value of ``key``; an error naming it when it is not set."""

@@ -7,10 +7,12 @@ local batch therefore depends on the number of processes but never on the number
 
 Training: the example at stream position ``q`` of process ``p`` and its random augmentation are
 functions of (seed, p, q) only, and step ``s`` holds positions ``[s*B, (s+1)*B)``; so
-``start_step=s`` continues exactly where an uninterrupted run would be.
+``start_step=s`` continues exactly where an uninterrupted run would be. Mixup and CutMix
+(``config.mixup`` / ``config.cutmix``, see ``mix``) mix each local batch with randomness from
+(seed, p, s), so they keep both properties.
 
-Evaluation: every example of the split is read once; the last batch is padded with zero images
-whose ``mask`` is False, and all processes yield the same number of batches.
+Evaluation (never mixed): every example of the split is read once; the last batch is padded with
+zero images whose ``mask`` is False, and all processes yield the same number of batches.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import tensorflow as tf
 
 from mixer_vit import parallel
 from mixer_vit.data import base
+from mixer_vit.data import mix
 from mixer_vit.data import preprocess
 from mixer_vit.data import sources
 from mixer_vit.data.folder import CorruptImageError
@@ -112,6 +115,10 @@ def local_train_dataset(
     deterministic=True,
   )
   ds = ds.batch(local_batch_size, drop_remainder=True)
+  if config.mixes:  # Element k is the batch of step start_step + k.
+    ds = ds.enumerate(start=start_step).map(
+      mix.batch_fn(config, process_index), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
   ds = ds.prefetch(config.prefetch or tf.data.AUTOTUNE)
   return ds.with_options(_options(config))
 

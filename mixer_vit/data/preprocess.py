@@ -6,10 +6,15 @@ so it runs inside ``tf.data`` and, unchanged, eagerly on a single image (inferen
 Syntax: ops are separated by ``|``; an op is ``name`` or ``name(args)`` with Python literal
 arguments, positional or by keyword: ``onehot(10, smoothing=0.1)``, ``resize((224, 160))``.
 
-Random ops (``inception_crop``, ``flip_lr``) are stateless: they draw from the per-example seed
-``example['_rng']`` (shape [2], int64), which the input pipeline derives from the run's seed and
-the example's position in the stream. The same seed and position always give the same output,
-which is what makes resuming a run exact.
+Random ops (``inception_crop``, ``flip_lr``, ``randaug``) are stateless: they draw from the
+per-example seed ``example['_rng']`` (shape [2], int64), which the input pipeline derives from the
+run's seed and the example's position in the stream. The same seed and position always give the
+same output, which is what makes resuming a run exact.
+
+``randaug(num_layers=2, magnitude=10)`` is RandAugment with big_vision's / AugReg's ops and
+magnitudes (the module ``randaug`` states them); it works on uint8 values (inception_crop's float32
+is rounded first and given back as float32), so put it before ``value_range``:
+``decode|inception_crop(224)|flip_lr|randaug(2, 15)|value_range(-1, 1)|onehot``.
 
 Writing an op: most ops change one image, and are written as a factory that takes the op's
 arguments and returns a function ``image -> image`` (random ops: ``(image, seed) -> image``);
@@ -50,6 +55,7 @@ import tensorflow as tf
 from mixer_vit import sizes
 from mixer_vit.data import base
 from mixer_vit.data import images
+from mixer_vit.data import randaug as randaug_lib
 
 Example = dict[str, Any]
 OpFn = Callable[[Example], Example]
@@ -480,6 +486,33 @@ def random_crop(size):
 def flip_lr():
   """Mirrors the image left-right with probability 1/2."""
   return lambda image, seed: tf.image.stateless_random_flip_left_right(image, seed)
+
+
+@image_op('randaug', random=True)
+def randaug(
+  num_layers: int = 2,
+  magnitude: float = 10,
+  ops='big_vision',
+  translate_const: float = 100,
+  cutout_const: float = 40,
+):
+  """RandAugment: `num_layers` random ops at `magnitude` (big_vision's/AugReg's; see randaug)."""
+  if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+    raise ValueError(f'randaug needs num_layers = an integer >= 0, got {num_layers!r}')
+  for name, value in (
+    ('magnitude', magnitude),
+    ('translate_const', translate_const),
+    ('cutout_const', cutout_const),
+  ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(
+        f'randaug needs {name} = a number >= 0 (magnitude: 10 is the AutoAugment maximum, '
+        f'AugReg uses 0-20), got {value!r}'
+      )
+  names = randaug_lib.op_names(ops)
+  return lambda image, seed: randaug_lib.distort(
+    image, seed, num_layers, magnitude, names, translate_const, cutout_const
+  )
 
 
 @image_op('value_range')
