@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Encoded images with more decoded pixels (height x width) are refused before decoding, with an
   # error naming the file (image folders); 0: no limit.
   c.max_image_pixels = 8000 * 8000
+  # Mixup / CutMix of training batches (mixer_vit.data.mix), off while p = 0: p = probability that
+  # a batch is mixed that way (mixup.p + cutmix.p <= 1), alpha = Beta(alpha, alpha) concentration
+  # (AugReg: mixup p=1, alpha 0.2 / 0.5 / 0.8; DeiT: mixup p=.5, alpha .8 + cutmix p=.5, alpha 1).
+  c.mixup = ml_collections.ConfigDict({'p': 0.0, 'alpha': 0.2})
+  c.cutmix = ml_collections.ConfigDict({'p': 0.0, 'alpha': 1.0})
 
   # Model: a registry name plus overrides for models.get_model_config (num_classes comes from
   # the data set).
