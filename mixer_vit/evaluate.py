@@ -1,14 +1,21 @@
-r"""Evaluates a checkpoint on a data set split: top-1, top-5 accuracy and the example count.
+r"""Evaluates a checkpoint on a data set split: top-1, top-5 accuracy and the example count; or,
+with ``--fewshot``, the few-shot linear probes of its representation (``mixer_vit.fewshot``).
 
   python -m mixer_vit.evaluate --checkpoint=WORKDIR [--split=test]
   python -m mixer_vit.evaluate --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
       --dataset=cifar10 --pp='decode|resize(384)|value_range(-1,1)|onehot' [--split=test]
+  python -m mixer_vit.evaluate --checkpoint=WORKDIR --fewshot [--fewshot_dataset=digits] \
+      [--shots=1,5,10] [--fewshot_layer=pre_logits] [--fewshot_select=loo|test]
 
 It is the trainer's own evaluation: ``data.make_eval_iterator`` (every example of the split once,
 padding rows masked out) and ``steps.make_eval_step`` / ``steps.evaluate``, data parallel over all
 devices. A workdir brings its data config (``config.json``); ``--dataset``, ``--data_dir``,
 ``--pp`` and ``--batch_size`` override it. For an ``.npz`` file ``--dataset`` is required and the
 preprocessing defaults to a resize to the checkpoint's resolution.
+
+``--fewshot`` probes the data sets of the workdir's ``config.fewshot`` (default: its training data
+set), or ``--fewshot_dataset`` (comma-separated names or image folders, with the splits of
+``--fewshot_splits=TRAIN,TEST``), preprocessed with ``--pp`` or the config's ``pp_test``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 
 from mixer_vit import config_utils
 from mixer_vit import data
+from mixer_vit import fewshot
 from mixer_vit import infer
 from mixer_vit import parallel
 from mixer_vit import sizes
@@ -147,6 +155,47 @@ def data_config(
   return config
 
 
+def fewshot_classifier(
+  classifier: Any,
+  config: Any,
+  datasets: str | None = None,
+  splits: str | None = None,
+  shots: str | None = None,
+  layer: str | None = None,
+  select: str | None = None,
+  mesh: Any = None,
+) -> list[dict[str, Any]]:
+  """Few-shot probe results of ``classifier`` (``fewshot.Evaluator.run_detailed`` rows); the
+  arguments override ``config.fewshot``."""
+  config = config.copy_and_resolve_references()
+  if 'fewshot' not in config:  # Workdirs written before the few-shot keys existed.
+    with config.unlocked():
+      config.fewshot = config_utils.base_config().fewshot
+  with config.unlocked():
+    if datasets:
+      train_split, test_split = 'train', 'test'
+      if splits:
+        parts = [s.strip() for s in splits.split(',')]
+        if len(parts) != 2 or not all(parts):
+          raise ValueError(f'--fewshot_splits must be TRAIN,TEST (e.g. train,test), got {splits!r}')
+        train_split, test_split = parts
+      config.fewshot.datasets = {
+        fewshot.metric_name(d): {'dataset': d, 'train_split': train_split, 'test_split': test_split}
+        for d in (s.strip() for s in datasets.split(','))
+        if d
+      }
+    elif splits:
+      raise ValueError('--fewshot_splits needs --fewshot_dataset')
+    if shots:
+      config.fewshot.shots = fewshot.parse_shots(shots, '--shots')
+    if layer:
+      config.fewshot.layer = fewshot.check_layer(layer, '--fewshot_layer')
+    if select:
+      config.fewshot.select = select
+  evaluator = fewshot.Evaluator(config, classifier.model, mesh or parallel.make_mesh())
+  return evaluator.run_detailed(classifier.params)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog='python -m mixer_vit.evaluate',
@@ -162,16 +211,56 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
   parser.add_argument('--json', action='store_true', help='print the result as JSON')
+  parser.add_argument(
+    '--fewshot', action='store_true', help='few-shot linear probes of the representation instead'
+  )
+  parser.add_argument(
+    '--fewshot_dataset', help="data sets to probe, comma-separated (default: config.fewshot's)"
+  )
+  parser.add_argument('--fewshot_splits', help='TRAIN,TEST splits of --fewshot_dataset')
+  parser.add_argument('--shots', help='examples per class, e.g. 1,5,10,25')
+  parser.add_argument('--fewshot_layer', help="feature layer (default 'pre_logits')")
+  parser.add_argument(
+    '--fewshot_select', choices=fewshot.SELECT, help='how to pick the L2 strength'
+  )
   args = parser.parse_args(argv)
+  fewshot_only = ('fewshot_dataset', 'fewshot_splits', 'shots', 'fewshot_layer', 'fewshot_select')
+  given = [f'--{name}' for name in fewshot_only if getattr(args, name)]
+  if given and not args.fewshot:
+    parser.error(f'{", ".join(given)} need --fewshot')
   try:
     classifier = infer.load_classifier(
       args.checkpoint, args.model, resolution=sizes.parse(args.resolution), dtype=args.dtype
     )
-    config = data_config(classifier, args.dataset, args.data_dir, args.pp, args.batch_size)
-    result = evaluate_classifier(classifier, config, args.split)
+    dataset = args.dataset
+    if args.fewshot and not dataset and args.fewshot_dataset:
+      dataset = args.fewshot_dataset.split(',')[0].strip()
+    config = data_config(classifier, dataset, args.data_dir, args.pp, args.batch_size)
+    if args.fewshot:
+      rows = fewshot_classifier(
+        classifier,
+        config,
+        args.fewshot_dataset,
+        args.fewshot_splits,
+        args.shots,
+        args.fewshot_layer,
+        args.fewshot_select,
+      )
+    else:
+      result = evaluate_classifier(classifier, config, args.split)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if args.fewshot:
+    if args.json:
+      print(json.dumps(rows))
+    for row in [] if args.json else rows:
+      print(
+        f'{row["name"]}: {100 * row["accuracy"]:.2f} % ({row["train_examples"]} train, '
+        f'{row["test_examples"]} test examples; l2 {row["l2"]:g} by {row["select"]}, '
+        f'layer {row["layer"]})'
+      )
+    return 0
   if args.json:
     print(json.dumps(result))
   else:
