@@ -29,6 +29,10 @@ def maybe_initialize_distributed(enable: bool | None = None) -> None:
   ``MIXER_VIT_MULTIHOST=1``. Coordinator address, process count and id come from JAX's usual
   sources (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or the cluster
   auto-detection on TPU pods / SLURM).
+
+  On CPU the processes exchange data with gloo over TCP, jax's default
+  ``jax_cpu_collectives_implementation`` (env ``JAX_CPU_COLLECTIVES_IMPLEMENTATION``; ``mpi`` is
+  the alternative); ``tests/test_multiprocess.py`` trains with two local processes this way.
   """
   if enable is None:
     enable = os.environ.get('MIXER_VIT_MULTIHOST', '0') not in ('', '0', 'false', 'False')

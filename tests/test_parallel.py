@@ -27,3 +27,19 @@ def test_indivisible_batch_says_what_to_do():
   mesh = parallel.make_mesh()
   with pytest.raises(ValueError, match='multiple of 8'):
     parallel.process_batch_size(12, mesh)
+
+
+def test_initialize_distributed_reads_the_process_count_and_id(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  monkeypatch.setenv('MIXER_VIT_MULTIHOST', '0')
+  parallel.maybe_initialize_distributed()
+  assert calls == []  # Off unless asked for.
+  parallel.maybe_initialize_distributed(True)
+  assert calls == [{'num_processes': 2, 'process_id': 1}]
+  monkeypatch.setenv('MIXER_VIT_MULTIHOST', '1')
+  monkeypatch.delenv('JAX_PROCESS_ID')
+  parallel.maybe_initialize_distributed()
+  assert calls[-1] == {'num_processes': 2}  # The id then comes from jax's cluster detection.
