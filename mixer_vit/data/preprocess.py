@@ -393,6 +393,13 @@ def _check_area(area_min, area_max):
     )
 
 
+def _slice(image, begin, size):
+  """``tf.slice`` keeping the static channel count (randaug needs it)."""
+  crop = tf.slice(image, begin, size)
+  crop.set_shape([None, None, image.shape[-1]])
+  return crop
+
+
 def _resize_crop(crop, hw, method):
   if hw is None:
     return crop
@@ -418,7 +425,7 @@ def inception_crop(
     begin, crop_size = _inception_window(
       tf.shape(image), seed, area_min, area_max, aspect_min, aspect_max
     )
-    return _resize_crop(tf.slice(image, begin, crop_size), hw, method)
+    return _resize_crop(_slice(image, begin, crop_size), hw, method)
 
   return fn
 
@@ -446,7 +453,7 @@ def decode_jpeg_and_inception_crop(
     if encoded.dtype != tf.string:  # Already decoded (in-memory data sets): decode|inception_crop.
       image = _decode(encoded, 3)
       begin, crop_size = window(tf.shape(image), seed)
-      return _resize_crop(tf.slice(image, begin, crop_size), hw, method)
+      return _resize_crop(_slice(image, begin, crop_size), hw, method)
 
     encoded = images.check_pixels(encoded, max_pixels, name)
 

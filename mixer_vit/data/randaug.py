@@ -341,6 +341,8 @@ def distort(
   """
   names = op_names(ops)
   dtype = image.dtype
+  if image.shape.rank == 3 and image.shape[-1] is None:
+    image = tf.ensure_shape(image, [None, None, 3])
   if image.shape.rank != 3 or image.shape[-1] not in (1, 3):
     raise ValueError(f'randaug needs an (H, W, 1 or 3) image, got shape {image.shape}')
   x = image
