@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   fewshot_only = ('fewshot_dataset', 'fewshot_splits', 'shots', 'fewshot_layer', 'fewshot_select')
   given = [f'--{name}' for name in fewshot_only if getattr(args, name)]
   if given and not args.fewshot:
-    parser.error(f'{", ".join(given)} need --fewshot')
+    parser.error(f'{", ".join(given)}: only with --fewshot')
   try:
     classifier = infer.load_classifier(
       args.checkpoint, args.model, resolution=sizes.parse(args.resolution), dtype=args.dtype

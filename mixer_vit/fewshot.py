@@ -484,6 +484,13 @@ class Evaluator:
     """``{'fewshot/<name>_<k>shot': test accuracy}`` for the metrics writer."""
     return {row['name']: row['accuracy'] for row in self.run_detailed(params)}
 
+  def run_and_write(self, step: int, total_steps: int, params: Any, writer: Any) -> dict:
+    """``run(params)``, written with ``writer.write_scalars(step, ...)`` and logged; the values."""
+    values = self.run(params)
+    writer.write_scalars(step, values)
+    logging.info('%s', summary_line(step, total_steps, values))
+    return values
+
 
 def make_evaluator(config: Any, model: Any, mesh: jax.sharding.Mesh) -> Evaluator | None:
   """The training loop's evaluator: None when ``config.fewshot_every`` is 0 (the default)."""
