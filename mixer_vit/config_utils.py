@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  # Resuming a workdir with a config that changes what is trained (model, data, preprocessing,
+  # optimisation, seed, ...) is refused; True accepts the change and records it in the workdir's
+  # config_history.jsonl (mixer_vit.workdir.RESUMABLE_KEYS lists the keys that may always change).
+  c.allow_config_change = False
 
   # Few-shot linear probes of the representation (mixer_vit.fewshot), logged as
   # fewshot/<name>_<k>shot every `fewshot_every` steps (0: never).

@@ -1,7 +1,9 @@
 """Where training numbers go: TensorBoard and ``metrics.jsonl`` in the workdir, and the console.
 
 ``metrics.jsonl`` holds one JSON object per write, ``{"step": S, "name": value, ...}``, so scripts
-can read a run's history without TensorBoard.
+can read a run's history without TensorBoard. A resumed run first drops what was logged after
+the step it resumes from (``discard_after``, in both), so every step has one row, from the run
+that produced the final parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 import numpy as np
+from tensorboard.compat.proto import event_pb2
+import tensorflow as tf
 
 from mixer_vit import workdir as workdir_lib
 
@@ -83,6 +87,90 @@ def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricW
       JsonlWriter(os.path.join(workdir, workdir_lib.METRICS_FILE)),
     ]
   )
+
+
+EVAL_PREFIXES = ('test_', 'fewshot')  # Values of evaluations (not of training steps).
+
+
+def _is_evaluation(names) -> bool:
+  return any(n.startswith(EVAL_PREFIXES) for n in names)
+
+
+def _drop(step: int, names, after: int, evals_at: int | None) -> bool:
+  return step > after or (step == evals_at and _is_evaluation(names))
+
+
+def _rewrite(path: str, keep_records: list[bytes] | list[str], binary: bool) -> None:
+  """Replaces ``path`` atomically (a temporary file, renamed; its name has no 'tfevents' so that
+  TensorBoard never reads it)."""
+  tmp = os.path.join(os.path.dirname(path), f'.discard-{os.getpid()}.tmp')
+  if binary:
+    with tf.io.TFRecordWriter(tmp) as w:
+      for record in keep_records:
+        w.write(record)
+  else:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(keep_records)
+  os.replace(tmp, path)
+
+
+def _discard_jsonl(path: str, after: int, evals_at: int | None) -> int:
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue  # A row cut short by a crash.
+    if not line.endswith('\n'):
+      continue  # The last row, cut short by a crash.
+    if (
+      not isinstance(row, dict) or 'step' not in row or not _drop(row['step'], row, after, evals_at)
+    ):
+      kept.append(line)
+  if len(kept) < len(lines):
+    _rewrite(path, kept, binary=False)
+  return len(lines) - len(kept)
+
+
+def _discard_events(path: str, after: int, evals_at: int | None) -> int:
+  records, dropped = [], 0
+  try:
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = event_pb2.Event.FromString(record)
+      if _drop(event.step, [v.tag for v in event.summary.value], after, evals_at):
+        dropped += 1
+      else:
+        records.append(record)
+  except tf.errors.DataLossError:  # A record cut short by a crash.
+    dropped += 1
+  if dropped:
+    _rewrite(path, records, binary=True)
+  return dropped
+
+
+def discard_after(workdir: str, step: int, evaluations_at_step: bool = False) -> None:
+  """Removes what ``metrics.jsonl`` and the TensorBoard event files hold past ``step`` (and the
+  evaluations at ``step`` itself with ``evaluations_at_step``, which a run repeats), each file
+  replaced atomically; rows cut short by a crash go too. For a run resuming from ``step``."""
+  evals_at = step if evaluations_at_step else None
+  dropped = _discard_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE), step, evals_at)
+  events = 0
+  for name in sorted(os.listdir(workdir)):
+    if 'tfevents' in name:
+      events += _discard_events(os.path.join(workdir, name), step, evals_at)
+  if dropped or events:
+    logging.info(
+      'Resuming from step %d: removed %d rows of %s and %d TensorBoard events written after '
+      'the checkpoint (they are written again) or cut short by a crash.',
+      step,
+      dropped,
+      workdir_lib.METRICS_FILE,
+      events,
+    )
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

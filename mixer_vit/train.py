@@ -4,14 +4,16 @@
 ``config.total_steps`` steps with the jitted steps of ``mixer_vit.steps``, data parallel over a
 device mesh (``mixer_vit.parallel``), and writes the run to ``workdir`` (``mixer_vit.workdir``
 lists its files). Restarting with the same workdir resumes from the latest checkpoint at the same
-data position. This module only runs the loop: tools import ``steps`` and ``workdir``, not it.
+data position (a checkpoint that cannot be restored is moved aside and the one before used). A
+relaunch whose config changes what is trained is refused, and only one run at a time may use a
+workdir (``mixer_vit.workdir``). This module only runs the loop: tools import ``steps`` and
+``workdir``, not it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -41,17 +43,34 @@ class NonFiniteLossError(FloatingPointError):
 # Stopping on SIGTERM.
 
 
+_SIGTERM = threading.Event()
+
+
+def _on_sigterm(*_):
+  _SIGTERM.set()
+
+
+def catch_sigterm() -> None:
+  """For a command's whole life (single process): SIGTERM stops the training at the next step with
+  a checkpoint; one after the last step only lets the run finish (it then exits normally)."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 class _Preemption:
   """Tells the loop to save and stop: on SIGTERM (single process), or at the preemption sync
   point JAX's coordination service sets on every host (multi-host)."""
 
   def __init__(self):
-    self._flag = threading.Event()
     self._previous = None
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+    if (
+      jax.process_count() == 1
+      and threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGTERM) is not _on_sigterm  # Else caught all along.
+    ):
+      _SIGTERM.clear()
+      self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
     return self
 
   def __exit__(self, *exc):
@@ -64,7 +83,7 @@ class _Preemption:
         return multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError:  # No preemption service.
         return False
-    return self._flag.is_set()
+    return _SIGTERM.is_set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +91,14 @@ class _Preemption:
 
 
 def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """What can be checked before the data is read or anything written."""
+  steps.make_model(config, num_classes=1)  # The model name and keys.
+  data.DataConfig.from_config(config)
+  for key in ('pp_train', 'pp_test'):
+    try:
+      data.preprocess.parse(config[key])
+    except ValueError as e:
+      raise ValueError(f'config.{key}: {e}') from None
   k = config.accum_steps
   if k < 1:
     raise ValueError(f'accum_steps must be >= 1 (got {k}).')
@@ -144,7 +171,6 @@ def _initial_state(config, model, model_config, tx, image_shape, key, mesh) -> s
   init = steps.make_init_fn(model, tx, image_shape)
   if not config.pretrained:
     return jax.jit(init, out_shardings=repl)(key)
-  _check_pretrained(config.pretrained)
   init_params = parallel.to_host(jax.jit(lambda k: init(k).params)(key))
   params = models.load_pretrained(config.pretrained, init_params, model_config)
   logging.info('Initialised from %s.', config.pretrained)
@@ -176,38 +202,52 @@ def train_and_evaluate(
   Raises:
     NonFiniteLossError: the loss, gradients or parameters became NaN/inf; the checkpoints written
       before are kept.
+    workdir.ConfigChangeError: the workdir holds checkpoints of another config (nothing written).
+    workdir.WorkdirBusyError: another run trains in the workdir (nothing written).
+    workdir.CheckpointRestoreError: no checkpoint of the workdir can be restored.
   """
   mesh = mesh or parallel.make_mesh()
   _check_config(config, mesh)
   primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   total = config.total_steps
-
-  info = data.get_info(config)
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
-  manager = workdir_lib.make_manager(workdir, config)
-  writer = metrics.make_writer(workdir, primary)
-  train_iter = None
+  # Refused relaunches and bad settings end here, with the workdir as it was.
+  workdir_lib.check_config_change(workdir, config)
+  if config.pretrained and not workdir_lib.checkpoint_steps(workdir):
+    _check_pretrained(config.pretrained)
+  info = data.get_info(config)
+
+  lock = workdir_lib.lock_workdir(workdir)  # One writer, from before its first write.
+  manager = writer = train_iter = None
   try:
-    start_step = manager.latest_step() or 0
+    launch = workdir_lib.check_config_change(workdir, config)  # Again, now under the lock.
+    start_step = launch.checkpoints[-1] if launch.checkpoints else 0
     train_iter = data.make_train_iterator(config, mesh, start_step)
     batch = next(train_iter)
     image_shape = tuple(batch['image'].shape[1:])
     model_config, model = steps.make_model(config, info.num_classes, image_shape[:2])
-    if primary:
-      workdir_lib.write_run_files(workdir, config, info, image_shape)
-
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
     if start_step:
       init = steps.make_init_fn(model, tx, image_shape)
       abstract = workdir_lib.abstract_like(
         jax.eval_shape(init, init_key), parallel.replicated(mesh)
       )
-      state = workdir_lib.restore_checkpoint(manager, abstract, start_step)
+      state, restored = workdir_lib.restore_newest(workdir, config, abstract, move_aside=True)
+      if restored != start_step:  # The newest could not be restored: data from the older one.
+        train_iter.close()
+        start_step = restored
+        train_iter = data.make_train_iterator(config, mesh, start_step)
+        batch = next(train_iter)
       logging.info('Resumed from the checkpoint of step %d in %s.', start_step, workdir)
     else:
       state = _initial_state(config, model, model_config, tx, image_shape, init_key, mesh)
+    manager = workdir_lib.make_manager(workdir, config)
+    if primary:
+      metrics.discard_after(workdir, start_step, evaluations_at_step=start_step >= total)
+      workdir_lib.record_launch(workdir, launch, start_step)
+      workdir_lib.write_run_files(workdir, config, info, image_shape)
+    writer = metrics.make_writer(workdir, primary)
     dropout_key = parallel.replicate(dropout_key, mesh)
     train_step = steps.make_train_step(model, tx, schedule, config, mesh)
     eval_step = steps.make_eval_step(model, config, mesh)
@@ -236,7 +276,7 @@ def train_and_evaluate(
       logging.info('Already trained to step %d of %d; evaluating only.', start_step, total)
       run_eval(start_step)
     started = time.perf_counter()
-    with _Preemption() as preemption:
+    with _Preemption() as preemption:  # Until the end: a SIGTERM after the last step is ignored.
       for step in range(start_step + 1, total + 1):  # `step` = updates done after this one.
         state, step_metrics = train_step(state, batch, dropout_key)
         history.pending.append((step, step_metrics))
@@ -269,9 +309,9 @@ def train_and_evaluate(
           )
           result['stopped_early'] = True
           break
-    manager.wait_until_finished()
-    if primary and not result['stopped_early']:
-      workdir_lib.save_params(workdir, parallel.to_host(state.params))
+      manager.wait_until_finished()
+      if primary and not result['stopped_early']:
+        workdir_lib.save_params(workdir, parallel.to_host(state.params))
     # From the first step on: compilation, evaluations and checkpoints included, set-up not.
     result['train_seconds'] = time.perf_counter() - started
     logging.info(
@@ -281,8 +321,10 @@ def train_and_evaluate(
       metrics.format_duration(result['train_seconds']),
     )
   finally:
-    if train_iter is not None:
-      train_iter.close()
-    manager.close()
-    writer.close()
+    try:
+      for part in (train_iter, manager, writer):
+        if part is not None:
+          part.close()
+    finally:
+      lock.release()
   return result

@@ -1,28 +1,50 @@
 """The workdir of a training run: every file in it is named, written and read here.
 
   WORKDIR/
-    config.json            the resolved training config
+    config.json            the resolved training config (of the latest launch)
+    config_history.jsonl   one JSON object per launch: time, host, PID, step, changed keys
     dataset_info.json      class count and names, input image shape, split sizes
     checkpoints/<step>/    Orbax train-state checkpoints (parameters, optimiser state, step)
+    checkpoints/<step>.corrupt/  a checkpoint that could not be restored, moved aside (kept)
     metrics.jsonl          one JSON object per write: {"step": S, ...}
     events.out.tfevents.*  TensorBoard
     params.npz             the final parameters, in the released checkpoints' layout
+    train.lock             held (fcntl) by the training run using the workdir: its host and PID
 
 Train-state checkpoints are written every ``checkpoint_every`` steps and at the end, the last
 ``keep_checkpoints`` kept, asynchronously while training goes on. Every process calls the
 checkpoint functions; Orbax coordinates who writes what. ``load_workdir`` rebuilds the model and
 its latest parameters from a workdir, which is what the command-line tools start from.
+
+What a relaunch may rely on:
+- One writer: a training run holds ``train.lock`` (process i > 0 of a multi-process run
+  ``train.lock.<i>``) from before its first write until it ends; a second run is refused with the
+  holder's host and PID. The OS drops the lock when the process ends, however it ends. Readers
+  (``load_workdir``, the tools) never take it.
+- The config contract: once a workdir has checkpoints, a config that differs in a key outside
+  ``RESUMABLE_KEYS`` is refused before anything is written (``check_config_change``), unless
+  ``allow_config_change=True``; every launch and its changes are appended to
+  ``config_history.jsonl``.
+- Fallback: a checkpoint that cannot be restored is reported and the one before it is used
+  (``restore_newest``); the trainer moves the bad one aside, never deletes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import fcntl
 import json
 import os
+import socket
+import sys
 from typing import Any
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mixer_vit import config_utils
@@ -36,6 +58,50 @@ DATASET_INFO_FILE = 'dataset_info.json'
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
 PARAMS_FILE = 'params.npz'
+HISTORY_FILE = 'config_history.jsonl'
+LOCK_FILE = 'train.lock'
+CORRUPT_SUFFIX = '.corrupt'
+
+# Keys a resumed run may change: how long it runs, what it logs, evaluates and keeps, where and how
+# fast it reads; not the function it trains. (total_steps stretches or shortens the learning-rate
+# schedule from the resumed step on; a warning says so.) Every other key is fixed once the workdir
+# has a checkpoint, unless allow_config_change=True.
+RESUMABLE_KEYS = frozenset(
+  {
+    'total_steps',
+    'log_every',
+    'eval_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'async_checkpoints',
+    'allow_config_change',
+    'eval_batch_size',
+    'data_dir',
+    'prefetch',
+    'data_threads',
+    'device_prefetch',
+    'in_memory_max_mb',
+    'max_image_pixels',
+    'fewshot_every',
+  }
+)
+RESUMABLE_PREFIXES = ('fewshot.',)  # Evaluation-only groups of keys.
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used as asked; the message names the file and what to do."""
+
+
+class ConfigChangeError(WorkdirError):
+  """A relaunch would train something else than the checkpoints in the workdir hold."""
+
+
+class WorkdirBusyError(WorkdirError):
+  """Another training run holds the workdir."""
+
+
+class CheckpointRestoreError(WorkdirError):
+  """No checkpoint of the workdir can be restored."""
 
 
 def is_workdir(path: str) -> bool:
@@ -97,6 +163,224 @@ def save_params(workdir: str, params: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The config contract: what a relaunch may change.
+
+_ABSENT = '<absent>'
+
+
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'model': {'hidden_size': 64}} -> {'model.hidden_size': 64} (empty groups left out)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config_utils.to_json(config))
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """``{dotted key: (old, new)}`` for every value that differs between two JSON configs.
+
+  A key one side lacks (a config written before the key existed) counts as its
+  ``base_config()`` default, or as ``'<absent>'`` when it has none."""
+  base = _flat(_plain(config_utils.base_config()))
+  old, new = _flat(old), _flat(new)
+  changes = {}
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key, base.get(key, _ABSENT)), new.get(key, base.get(key, _ABSENT))
+    if a != b:
+      changes[key] = (a, b)
+  return changes
+
+
+def is_resumable_key(key: str) -> bool:
+  return key in RESUMABLE_KEYS or key.startswith(RESUMABLE_PREFIXES)
+
+
+@dataclasses.dataclass
+class Launch:
+  """What ``check_config_change`` found in the workdir before a run wrote anything there."""
+
+  has_config: bool  # The workdir holds a config.json (an earlier launch).
+  checkpoints: list[int]  # Checkpoint steps on disk, oldest first.
+  changes: dict[str, tuple[Any, Any]]  # Every key that differs from config.json: (old, new).
+  forced: list[str]  # Changed keys outside RESUMABLE_KEYS, accepted by allow_config_change.
+
+
+def _value_text(value: Any) -> str:
+  return value if value is _ABSENT else json.dumps(value)
+
+
+def check_config_change(workdir: str, config: ml_collections.ConfigDict) -> Launch:
+  """Compares ``config`` with the run ``workdir`` holds; reads only, writes nothing.
+
+  Raises:
+    ConfigChangeError: the workdir has checkpoints and ``config`` differs from its config.json in
+      a key outside ``RESUMABLE_KEYS`` while ``config.allow_config_change`` is False. The message
+      lists each such key (old -> new) and the ways on.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  steps_on_disk = checkpoint_steps(workdir)
+  if not os.path.exists(path):
+    return Launch(False, steps_on_disk, {}, [])
+  try:
+    with open(path, encoding='utf-8') as f:
+      previous = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WorkdirError(
+      f'cannot read {path} ({e}); it records how the run in {workdir} was trained. Restore it, '
+      'or use another --workdir.'
+    ) from None
+  changes = config_changes(previous, _plain(config))
+  fixed = [k for k in changes if not is_resumable_key(k)]
+  if not steps_on_disk:  # Nothing trained is kept: the run starts over with this config.
+    return Launch(True, steps_on_disk, changes, [])
+  if fixed and not config.get('allow_config_change', False):
+    lines = '\n'.join(
+      f'  {k}: {_value_text(changes[k][0])} -> {_value_text(changes[k][1])}' for k in fixed
+    )
+    accepted = [k for k in changes if k not in fixed]
+    also = f' (These may change and would be accepted: {", ".join(accepted)}.)' if accepted else ''
+    raise ConfigChangeError(
+      f'{workdir} holds a run trained with another config (its {CONFIG_FILE}; checkpoints of '
+      f'steps {steps_on_disk}). Resuming it with this config would change what is trained:\n'
+      f'{lines}\nNothing in {workdir} was changed.{also} Either resume with the values above '
+      '(drop the overrides or restore the config file), or start a new run with another '
+      '--workdir, or accept the change on purpose with --config.allow_config_change=True (it '
+      f'is recorded in {os.path.join(workdir, HISTORY_FILE)}).'
+    )
+  return Launch(True, steps_on_disk, changes, fixed)
+
+
+def record_launch(workdir: str, launch: Launch, step: int) -> None:
+  """Appends this launch (and the keys it changed) to ``config_history.jsonl``."""
+  if not launch.has_config:
+    event = 'start'
+  else:
+    event = 'resume' if step else 'restart'
+  row = {
+    'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'host': socket.gethostname(),
+    'pid': os.getpid(),
+    'event': event,
+    'step': int(step),
+    'changes': {k: [a, b] for k, (a, b) in launch.changes.items()},
+    'forced': launch.forced,
+  }
+  if 'total_steps' in launch.changes and step:
+    logging.warning(
+      'total_steps changed from %s to %s: the learning-rate schedule now spans %s steps, so '
+      'the rates from step %d on differ from those of the original schedule.',
+      *launch.changes['total_steps'],
+      launch.changes['total_steps'][1],
+      step,
+    )
+  for key in launch.forced:
+    logging.warning(
+      'config.%s changed from %s to %s (allow_config_change=True); recorded in %s.',
+      key,
+      _value_text(launch.changes[key][0]),
+      _value_text(launch.changes[key][1]),
+      HISTORY_FILE,
+    )
+  with open(os.path.join(workdir, HISTORY_FILE), 'a', encoding='utf-8') as f:
+    f.write(json.dumps(row) + '\n')
+
+
+def read_history(workdir: str) -> list[dict[str, Any]]:
+  """The rows of ``config_history.jsonl`` (empty when there is none)."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per workdir.
+
+
+class WorkdirLock:
+  """An exclusive ``fcntl.flock`` on ``WORKDIR/train.lock`` (``train.lock.<i>`` for process i > 0
+  of a multi-process run, whose processes share the workdir), holding the holder's host and PID.
+
+  The OS drops the lock when the process ends, however it ends: a leftover file blocks nothing.
+  """
+
+  def __init__(self, workdir: str, process_index: int = 0):
+    name = LOCK_FILE if process_index == 0 else f'{LOCK_FILE}.{process_index}'
+    self.path = os.path.join(workdir, name)
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    """Takes the lock, or raises WorkdirBusyError naming the holder (the file then unchanged)."""
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.read(fd, 4096).decode('utf-8', 'replace').strip()
+      os.close(fd)
+      try:
+        h = json.loads(holder)
+        who = f'PID {h["pid"]} on {h["host"]} (since {h["since"]})'
+      except (ValueError, KeyError, TypeError):
+        who = 'another process (it has not written its host and PID yet)'
+      workdir = os.path.dirname(self.path)
+      raise WorkdirBusyError(
+        f'{workdir} is in use by another training run: {who} holds {self.path}. Wait for it to '
+        'end or stop it, or use another --workdir. (Reading the workdir, e.g. with '
+        'mixer_vit.infer or mixer_vit.evaluate, needs no lock.)'
+      ) from None
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    holder = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'since': since})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (holder + '\n').encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def lock_workdir(workdir: str) -> WorkdirLock:
+  """This process's ``WorkdirLock``, taken; with several processes, every process of the run
+  stops (with the holder's name) when any of them finds its lock taken."""
+  lock = WorkdirLock(workdir, jax.process_index())
+  error = None
+  try:
+    lock.acquire()
+  except WorkdirBusyError as e:
+    error = e
+  if jax.process_count() > 1:
+    taken = multihost_utils.process_allgather(np.int32(error is None))
+    if error is None and not np.all(taken):
+      lock.release()
+      error = WorkdirBusyError(
+        f'{workdir} is in use by another training run (process(es) '
+        f'{np.flatnonzero(np.asarray(taken) == 0).tolist()} of this run found their lock files '
+        'taken; see their messages).'
+      )
+  if error is not None:
+    raise error
+  return lock
+
+
+# ---------------------------------------------------------------------------------------------
 # Orbax train-state checkpoints.
 
 
@@ -115,6 +399,8 @@ def make_manager(
     enable_async_checkpointing=async_save,
     read_only=read_only,
     create=not read_only,
+    # Left by a save that was cut short (kill -9); only the one writer (WorkdirLock) removes them.
+    cleanup_tmp_directories=not read_only,
   )
   path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   return ocp.CheckpointManager(path, options=options)
@@ -141,6 +427,110 @@ def restore_checkpoint(
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """Shapes and dtypes of ``tree`` placed with ``sharding``: the restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints in ``workdir`` (``checkpoints/<step>/``), oldest first."""
+  path = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(f'{path}/{n}'))
+
+
+def _reason(error: Exception) -> str:
+  """One line of an Orbax / TensorStore error (their JSON specs left out)."""
+  text = (str(error).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+  text = text if len(text) <= 400 else f'{text[:180]} ... {text[-200:]}'  # What, and why.
+  return f'{type(error).__name__}: {text}'
+
+
+def _drop(unraisable) -> bool:
+  return isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(
+    unraisable.exc_value
+  )
+
+
+def _quiet_closed_loops() -> None:
+  """After a failed restore, Orbax's TensorStore reads still under way find their event loop
+  closed, and each prints a traceback (through ``sys.unraisablehook``) while the warning has said
+  what failed. Drops just those (from now on; they are never more than that noise)."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loops', False):
+    return
+  hook = lambda unraisable: None if _drop(unraisable) else previous(unraisable)
+  hook.drops_closed_loops = True
+  sys.unraisablehook = hook
+
+
+def _move_aside(directory: str, step: int) -> str:
+  target = os.path.join(directory, f'{step}{CORRUPT_SUFFIX}')
+  n = 1
+  while os.path.exists(target):
+    target = os.path.join(directory, f'{step}{CORRUPT_SUFFIX}.{n}')
+    n += 1
+  os.rename(os.path.join(directory, str(step)), target)
+  return target
+
+
+def restore_newest(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  abstract_state: Any,
+  move_aside: bool = False,
+) -> tuple[Any, int]:
+  """``(state, step)`` of the newest checkpoint of ``workdir`` that restores.
+
+  A checkpoint that cannot be restored is reported in a warning (its path and the reason) and
+  the one before it is tried. Once one restores, the newer ones that failed are moved aside to
+  ``checkpoints/<step>.corrupt`` when ``move_aside`` (the trainer, which holds the lock; never
+  deleted), so that new checkpoints can take their steps. Without ``move_aside`` (readers) the
+  workdir is only read.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+    CheckpointRestoreError: none restores (then nothing is moved); lists each with its reason.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  _quiet_closed_loops()
+  failed = []
+  for step in reversed(checkpoint_steps(workdir)):
+    # A fresh manager each time: one that failed on a damaged checkpoint may fail on the rest.
+    manager = make_manager(workdir, config, read_only=not move_aside)
+    try:
+      state = restore_checkpoint(manager, abstract_state, step)
+    except Exception as e:  # noqa: BLE001  Damaged files, missing parts, other shapes: all.
+      failed.append((step, _reason(e)))
+      logging.warning(
+        'Cannot restore the checkpoint %s/%d (%s); trying the one before it.',
+        directory,
+        step,
+        failed[-1][1],
+      )
+      continue
+    finally:
+      manager.close()
+    if failed and move_aside:
+      if jax.process_index() == 0:
+        for bad, _ in failed:
+          logging.warning(
+            'Moved the checkpoint of step %d, which cannot be restored, to %s (kept for a '
+            'look; delete it when done). Resuming from step %d.',
+            bad,
+            _move_aside(directory, bad),
+            step,
+          )
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('mixer_vit: damaged checkpoints moved aside')
+    return state, step
+  if not failed:
+    raise FileNotFoundError(f'no checkpoint in {directory}.')
+  reasons = '\n'.join(f'  {directory}/{step}: {reason}' for step, reason in failed)
+  raise CheckpointRestoreError(
+    f'none of the checkpoints in {directory} can be restored:\n{reasons}\nIf the config '
+    "changed what is trained since they were written, resume with the workdir's config.json. "
+    'Otherwise the files are damaged: move them out of the way to start over (nothing was '
+    'changed).'
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,17 +561,26 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
   image_shape = tuple(info['image_shape'])
   model_config, model = steps.make_model(config, info['num_classes'], image_shape[:2])
   tx = optim.make_optimizer(config)
-  manager = make_manager(workdir, config, read_only=True)
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir}/{CHECKPOINT_DIR}.')
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    init = steps.make_init_fn(model, tx, image_shape)
-    abstract = abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), sharding)
-    state = restore_checkpoint(manager, abstract, step)
-  finally:
-    manager.close()
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  init = steps.make_init_fn(model, tx, image_shape)
+  abstract = abstract_like(jax.eval_shape(init, jax.random.PRNGKey(0)), sharding)
+  if step is None:  # The newest that restores (a damaged one is reported and left as it is).
+    state, step = restore_newest(workdir, config, abstract)
+  else:
+    if step not in checkpoint_steps(workdir):
+      raise FileNotFoundError(
+        f'no checkpoint of step {step} in {workdir}/{CHECKPOINT_DIR} (steps: '
+        f'{checkpoint_steps(workdir)}).'
+      )
+    manager = make_manager(workdir, config, read_only=True)
+    try:
+      state = restore_checkpoint(manager, abstract, step)
+    except Exception as e:  # noqa: BLE001  Whatever is damaged: one message naming the files.
+      raise CheckpointRestoreError(
+        f'cannot restore {workdir}/{CHECKPOINT_DIR}/{step} ({_reason(e)}).'
+      ) from e
+    finally:
+      manager.close()
   return TrainedModel(
     config=config,
     model_config=model_config,

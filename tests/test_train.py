@@ -232,7 +232,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   good = tiny_config(total_steps=4, checkpoint_every=2)
   train.train_and_evaluate(good, workdir)
-  bad = tiny_config(total_steps=10, checkpoint_every=1, lr=float('inf'))
+  bad = tiny_config(total_steps=10, checkpoint_every=1, lr=float('inf'), allow_config_change=True)
   with pytest.raises(train.NonFiniteLossError, match='step 5.*checkpoint of step 4'):
     train.train_and_evaluate(bad, workdir)
   assert workdir_lib.make_manager(workdir, good).latest_step() == 4
