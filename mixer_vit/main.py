@@ -5,7 +5,10 @@ r"""Trains or fine-tunes a ViT or Mixer: the command-line entry point.
       --config.pretrained=ViT-B_16.npz --workdir=workdirs/vit_b16_cifar10
 
 Any config value can be overridden with ``--config.KEY=VALUE``; an unknown key is an error.
-Running the same command again resumes from the workdir's latest checkpoint.
+Running the same command again resumes from the workdir's latest checkpoint; a config that changes
+what is trained is refused then (``--config.allow_config_change=True`` accepts it, recorded in the
+workdir's config_history.jsonl), and so is a second run on a workdir in use. SIGTERM saves a
+checkpoint and exits with status 0; errors are one ``error: ...`` message with status 1.
 
 Speed: on Linux the process re-executes itself once with tcmalloc preloaded
 (``LD_PRELOAD=libtcmalloc_minimal.so.4``) when that library is installed, which makes XLA on CPU
@@ -13,7 +16,9 @@ markedly faster; set ``MIXER_VIT_TCMALLOC=0`` to turn this off.
 """
 
 import logging as std_logging
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -69,21 +74,65 @@ def parse_flags(argv):
     )
 
 
+def check_config_file(argv: list[str]) -> None:
+  """Exits at once with one line when the ``--config`` file does not exist (before the seconds
+  of importing JAX and TensorFlow, and absl's long report)."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(('--config=', '-config=')):
+      value = arg.split('=', 1)[1]
+    else:
+      continue
+    path = value.split(':', 1)[0]
+    if path.endswith('.py') and not os.path.isfile(path):
+      sys.exit(
+        f'error: config file {path} not found (--config={value}); give the path of a config '
+        'file, e.g. --config=configs/digits.py (run from the project root).'
+      )
+
+
+def _exit(status: int, distributed: bool = False) -> None:
+  """Ends the process now: everything is written and closed by then, and the interpreter's own
+  shutdown (TensorFlow's and tf.data's threads and modules) takes seconds for nothing."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if distributed:
+    import jax  # noqa: PLC0415  (imported long before by train)
+
+    jax.distributed.shutdown()
+  os._exit(status)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}; values go in --config.KEY=VALUE.')
   # Imported here, after the tcmalloc restart: JAX and TensorFlow take seconds to import.
   from mixer_vit import parallel  # noqa: PLC0415
   from mixer_vit import train  # noqa: PLC0415
+  from mixer_vit import workdir as workdir_lib  # noqa: PLC0415
 
   _quiet_orbax()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)
+  import jax  # noqa: PLC0415
+
+  distributed = jax.process_count() > 1
+  if not distributed:  # Multi-host runs leave SIGTERM to JAX's preemption service.
+    train.catch_sigterm()
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (workdir_lib.WorkdirError, train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    logging.debug('%s', traceback.format_exc())  # With --verbosity=1.
+    print(f'error: {e}', file=sys.stderr)
+    _exit(1)
   logging.info('Finished: %s', result)
+  _exit(0, distributed)
 
 
 if __name__ == '__main__':
+  check_config_file(sys.argv)
   flags.mark_flags_as_required(['config', 'workdir'])
   tcmalloc.maybe_reexec('mixer_vit.main')
   app.run(main, flags_parser=parse_flags)

@@ -21,6 +21,8 @@ import os
 import re
 from typing import Any
 import uuid
+import zipfile
+import zlib
 
 import jax
 import numpy as np
@@ -196,14 +198,28 @@ def _open(path, mode: str):
 
 
 def load_npz(path) -> Params:
-  """Reads an `.npz` parameter file into a nested dict of numpy arrays."""
+  """Reads an `.npz` parameter file into a nested dict of numpy arrays.
+
+  Raises FileNotFoundError when it does not exist and a ValueError naming it when it is not a
+  readable `.npz` (truncated download, another format, damaged data)."""
   if _is_remote(path):
     with _open(path, 'rb') as f:
       source = io.BytesIO(f.read())
   else:
     source = os.fspath(path)
-  with np.load(source, allow_pickle=False) as npz:
-    flat = {key: npz[key] for key in npz.files}
+  try:
+    npz = np.load(source, allow_pickle=False)
+    if not hasattr(npz, 'files'):  # A .npy file: one array.
+      raise ValueError('it holds one array, not named parameters')
+    with npz:
+      flat = {key: npz[key] for key in npz.files}
+  except FileNotFoundError:
+    raise
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+    raise ValueError(
+      f'{path} is not a readable .npz parameter file ({type(e).__name__}: {e}); it may be '
+      'truncated (download it again) or in another format.'
+    ) from None
   if not flat:
     raise ValueError(f'{path} holds no arrays.')
   return unflatten(flat)

@@ -86,3 +86,41 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   last_logged = metrics.read_jsonl(str(jsonl))[-1]['step']
   assert steps == [last_logged] and 0 < last_logged < 100000
   assert not (workdir / 'params.npz').exists()  # Only a finished run writes it.
+
+
+def test_a_missing_config_file_is_one_line_at_once(tmp_path):
+  started = time.monotonic()
+  out = subprocess.run(
+    _command('--config=configs/nope.py:vit', f'--workdir={tmp_path / "run"}'),
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  seconds = time.monotonic() - started
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [
+    'error: config file configs/nope.py not found (--config=configs/nope.py:vit); give the path '
+    'of a config file, e.g. --config=configs/digits.py (run from the project root).'
+  ]
+  assert seconds < 10, seconds  # Before JAX and TensorFlow are imported (< 1 s unloaded).
+  assert not (tmp_path / 'run').exists()
+
+
+def test_errors_are_one_message_and_leave_no_workdir(tmp_path):
+  out = subprocess.run(
+    _command(
+      '--config=configs/digits.py', f'--workdir={tmp_path / "run"}', '--config.model_name=ViT-X'
+    ),
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "error: Unknown model 'ViT-X'" in out.stderr and 'Traceback' not in out.stderr
+  assert not (tmp_path / 'run').exists()
