@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -213,8 +214,7 @@ def _preprocess_batch(pp: str, image_size: tuple[int, int]) -> Callable[[tf.Tens
       )
     return tf.ensure_shape(tf.cast(image, tf.float32), shape)
 
-  # Autograph (as in tf.data's map) for the pp ops only; the JAX part is traced without it.
-  @tf.function
+  @tf.function(autograph=False)
   def batch(encoded):
     return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec(shape, tf.float32))
 
@@ -319,6 +319,26 @@ def _import_onnx(need_runtime: bool = False):
   return modules
 
 
+def _import_jax2onnx_plugins() -> None:
+  """Registers only the jax and flax plugins of jax2onnx.
+
+  On first use jax2onnx imports every plugin it ships, Equinox's and its examples' too (about
+  15 s of CPU, most of it Equinox); these models need only the jax and flax ones. This reaches
+  into jax2onnx's plugin system (the pinned version's); when that changes, jax2onnx imports all
+  of its plugins itself as before.
+  """
+  try:
+    plugin_system = importlib.import_module('jax2onnx.plugins.plugin_system')
+    if plugin_system._already_imported_plugins:
+      return
+    root = pathlib.Path(plugin_system.__file__).parent
+    for sub in ('jax', 'flax'):
+      plugin_system._import_tree(root / sub, f'jax2onnx.plugins.{sub}')
+    plugin_system._already_imported_plugins = True
+  except (ImportError, AttributeError):
+    pass
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
   """jax2onnx prints debugging lines and logs every optional plugin it cannot import."""
@@ -339,6 +359,7 @@ def build_onnx_model(exportable: Exportable):
   params = jax.tree.map(jnp.asarray, exportable.params)
   fn = exportable.logits_fn()
   with _quiet():
+    _import_jax2onnx_plugins()
     proto = jax2onnx.to_onnx(
       lambda images: fn(params, images),
       inputs=[('batch', h, w, 3)],  # float32; 'batch' is a symbolic dimension.

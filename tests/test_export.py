@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -25,16 +26,19 @@ RTOL = 1e-4
 
 
 def _random_params(config, seed=0):
-  """Initialised parameters with a random (not zero) head, so the classes differ per image."""
+  """Random parameters of the model's shapes (no init: compiling it costs seconds per model)."""
   model = models.build_model(config)
   h, w = config.image_size
-  params = model.init(
-    {'params': jax.random.PRNGKey(seed)}, np.zeros((1, h, w, 3), np.float32), train=False
+  shapes = jax.eval_shape(
+    lambda: model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, h, w, 3)), train=False)
   )['params']
-  params = jax.tree.map(np.asarray, params)
   rng = np.random.default_rng(seed)
-  params['head']['kernel'] = rng.normal(size=params['head']['kernel'].shape).astype(np.float32)
-  return model, params
+
+  def draw(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 100
+    return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return model, jax.tree.map(draw, shapes)
 
 
 @pytest.fixture(scope='module')
@@ -48,6 +52,7 @@ def classifiers(tmp_path_factory):
     _, params = _random_params(models.get_model_config(name))
     params_io.save_npz(params, str(root / f'{key}.npz'))
     out[key] = infer.load_classifier(str(root / f'{key}.npz'), name, labels=str(labels))
+    out[key].npz = str(root / f'{key}.npz')
   config = models.get_model_config('testing', **HYBRID)
   model, params = _random_params(config)
   out['hybrid'] = infer.Classifier(
@@ -154,10 +159,7 @@ def test_existing_out_is_refused_without_overwrite(tmp_path, capsys):
 
 
 def test_bad_arguments_name_the_flag(classifiers, tmp_path, capsys):
-  npz = tmp_path / 'm.npz'
-  _, params = _random_params(models.get_model_config('testing'))
-  params_io.save_npz(params, str(npz))
-  args = [f'--checkpoint={npz}', '--format=saved_model', f'--out={tmp_path}/sm']
+  args = [f'--checkpoint={classifiers["vit"].npz}', '--format=saved_model', f'--out={tmp_path}/sm']
   assert export.main(args) == 2
   assert '--model is required' in capsys.readouterr().err
   assert export.main([*args, '--model=testing', '--top_k=0']) == 2
