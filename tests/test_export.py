@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,22 @@ def test_bytes_signature_classifies_like_infer(saved_models, classifiers, tmp_pa
   with open(os.path.join(saved_models['vit'], export.INFO_FILE)) as f:
     info = json.load(f)
   assert info['image_size'] == [32, 32] and info['top_k'] == 3 and len(info['class_names']) == 10
+
+
+def test_bytes_signature_on_a_real_photo(saved_models, classifiers, shared_data, tmp_path):
+  """A CIFAR-10 photo (a real JPEG) gets infer's top-1 and probabilities from the SavedModel."""
+  with tarfile.open(shared_data / 'cifar10-jpeg.tar.gz') as tar:
+    member = next(m for m in tar if m.name.endswith('.jpg'))
+    photo = tar.extractfile(member).read()
+  path = tmp_path / 'photo.jpg'
+  path.write_bytes(photo)
+  (want,) = infer.classify_files(classifiers['vit'], [str(path)], top_k=3)
+  serve = tf.saved_model.load(saved_models['vit']).signatures['serving_default']
+  got = serve(images=tf.constant([photo]))
+  assert [int(i) for i in got['labels'][0]] == [p['label'] for p in want['predictions']]
+  np.testing.assert_allclose(
+    got['probabilities'][0].numpy(), [p['probability'] for p in want['predictions']], rtol=1e-4
+  )
 
 
 def test_scan_models_are_unrolled_for_export(classifiers):
