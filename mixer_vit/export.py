@@ -12,7 +12,7 @@ serialization: the StableHLO of the JAX function, run by XLA inside TensorFlow),
 dimension symbolic, the parameters stored as TensorFlow variables. Two signatures:
 
 - ``serving_default``: ``images``, a batch of encoded images (tf.string, JPEG/PNG/GIF/BMP bytes,
-  any batch size) -> ``labels`` (int32, (B, k)), ``names`` (tf.string, (B, k)) and
+  any batch size from 1; an image that does not decode fails the request) -> ``labels`` (int32, (B, k)), ``names`` (tf.string, (B, k)) and
   ``probabilities`` (float32, (B, k)), the top ``--top_k`` classes. The checkpoint's evaluation
   preprocessing (``mixer_vit.data.preprocess``, TensorFlow ops) is inside, applied per image.
 - ``logits``: ``images``, float32 (B, H, W, 3) already preprocessed (values in [-1, 1]) ->
@@ -207,10 +207,10 @@ def _preprocess_batch(pp: str, image_size: tuple[int, int]) -> Callable[[tf.Tens
 
   def one(encoded):
     image = pp_fn({'image': encoded})['image']
-    if image.shape.is_fully_defined() and tuple(image.shape) != shape:
+    if not image.shape.is_fully_defined() or tuple(image.shape) != shape:
       raise ExportError(
-        f'preprocessing {pp!r} gives images of shape {tuple(image.shape)}, the model needs '
-        f'{shape}; pass --pp with a resize to that size'
+        f'preprocessing {pp!r} gives images of shape {image.shape}, the model needs '
+        f'{shape}; pass --pp ending in a fixed size, e.g. resize({shape[:2]})'
       )
     return tf.ensure_shape(tf.cast(image, tf.float32), shape)
 

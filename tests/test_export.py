@@ -183,6 +183,9 @@ def test_bad_arguments_name_the_flag(classifiers, tmp_path, capsys):
   assert '--top_k=0' in capsys.readouterr().err
   assert export.main([*args, '--model=testing', '--platforms=gpu']) == 2
   assert '--platforms=gpu' in capsys.readouterr().err
+  # Preprocessing without a fixed size cannot feed the model.
+  assert export.main([*args, '--model=testing', '--pp=decode|value_range(-1, 1)']) == 2
+  assert 'resize((32, 32))' in capsys.readouterr().err
   assert not (tmp_path / 'sm').exists()
 
 
