@@ -17,6 +17,7 @@ TOOLS = (
   'mixer_vit.attention',
   'mixer_vit.benchmark',
   'mixer_vit.checkpoints',
+  'mixer_vit.export',
 )
 # Modules that may only import what is listed beside them (within mixer_vit).
 LOWER_LAYERS = {
