@@ -8,6 +8,7 @@ uninterrupted run bit for bit and one metrics row per step; a SIGTERM after the 
 the process exits promptly after its last line.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -84,12 +85,22 @@ def assert_same_params(a_workdir, b_workdir):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+TOTAL = 40
+
+
+def run_config():
+  """The tiny config of tests/test_train.py: 40 steps, checkpoints every 10 (the last 2 kept)."""
+  return tiny_config(total_steps=TOTAL, checkpoint_every=10, eval_every=TOTAL)
+
+
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
-  """4 steps, checkpoints at 2 and 4; tests copy the workdir before changing it."""
+  """One uninterrupted run (in this process), the reference of every test here; tests copy its
+  workdir before changing it. Its compilations are cached for the command-line runs too."""
   workdir = str(tmp_path_factory.mktemp('finished') / 'run')
-  config = tiny_config(total_steps=4, checkpoint_every=2)
+  config = run_config()
   train.train_and_evaluate(config, workdir)
+  assert workdir_lib.checkpoint_steps(workdir) == [30, 40]
   return config, workdir
 
 
@@ -111,7 +122,7 @@ def test_a_config_that_changes_what_is_trained_is_refused_and_nothing_is_written
   before = snapshot(workdir)
   config.lr = 0.02
   config.model.hidden_size = 16
-  config.total_steps = 6  # May change: listed as accepted, not as a reason.
+  config.total_steps = 60  # May change: listed as accepted, not as a reason.
   with pytest.raises(workdir_lib.ConfigChangeError) as e:
     train.train_and_evaluate(config, workdir)
   message = str(e.value)
@@ -135,16 +146,20 @@ def test_a_config_that_changes_what_is_trained_is_refused_and_nothing_is_written
 
 def test_accepted_and_forced_changes_are_recorded(finished_run, tmp_path):
   config, workdir = copy_of(finished_run, tmp_path)
-  config.total_steps, config.log_every = 6, 2  # Keys that may change.
+  config.total_steps, config.log_every = 44, 2  # Keys that may change.
   result = train.train_and_evaluate(config, workdir)
-  assert result['step'] == 6
-  assert [r['step'] for r in rows(workdir) if 'loss' in r] == [1, 2, 3, 4, 6]
+  assert result['step'] == 44
+  assert [r['step'] for r in rows(workdir) if 'loss' in r] == [*range(1, 41), 42, 44]
   config.update(lr=0.02, allow_config_change=True)
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir)  # Finished: evaluates only.
 
   history = workdir_lib.read_history(workdir)
-  assert [(h['event'], h['step']) for h in history] == [('start', 0), ('resume', 4), ('resume', 6)]
-  assert history[1]['changes'] == {'total_steps': [4, 6], 'log_every': [1, 2]}
+  assert [(h['event'], h['step']) for h in history] == [
+    ('start', 0),
+    ('resume', 40),
+    ('resume', 44),
+  ]
+  assert history[1]['changes'] == {'total_steps': [40, 44], 'log_every': [1, 2]}
   assert history[1]['forced'] == []
   assert history[2]['changes'] == {'lr': [0.01, 0.02], 'allow_config_change': [False, True]}
   assert history[2]['forced'] == ['lr'] and history[2]['pid'] == os.getpid()
@@ -157,13 +172,12 @@ def test_accepted_and_forced_changes_are_recorded(finished_run, tmp_path):
 
 def test_a_second_run_is_refused_while_the_workdir_is_in_use(finished_run, tmp_path):
   config, workdir = copy_of(finished_run, tmp_path)
-  config.total_steps = 6
   with workdir_lib.WorkdirLock(workdir):  # Another run holds it (flock: per open file).
     before = snapshot(workdir)
     with pytest.raises(workdir_lib.WorkdirBusyError, match=f'PID {os.getpid()} on '):
       train.train_and_evaluate(config, workdir)
     assert snapshot(workdir) == before
-    assert workdir_lib.load_workdir(workdir).step == 4  # Readers need no lock.
+    assert workdir_lib.load_workdir(workdir).step == TOTAL  # Readers need no lock.
 
   # The OS drops the lock of a process that dies, however it dies: no stale lock.
   holder = subprocess.Popen(
@@ -184,7 +198,7 @@ def test_a_second_run_is_refused_while_the_workdir_is_in_use(finished_run, tmp_p
   finally:
     holder.kill()
     holder.wait()
-  assert train.train_and_evaluate(config, workdir)['step'] == 6
+  assert train.train_and_evaluate(config, workdir)['step'] == TOTAL  # (Evaluates only.)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,35 +227,35 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_resumed(
   config, workdir = copy_of(finished_run, tmp_path)
   reference = finished_run[1]
   checkpoints = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
-  DAMAGE[damage](os.path.join(checkpoints, '4'))
+  DAMAGE[damage](os.path.join(checkpoints, '40'))
   before = snapshot(workdir)
-  assert workdir_lib.load_workdir(workdir).step == 2  # Readers fall back too, moving nothing.
+  assert workdir_lib.load_workdir(workdir).step == 30  # Readers fall back too, moving nothing.
   assert snapshot(workdir) == before
 
-  result = train.train_and_evaluate(config, workdir)  # Resumes from 2, retrains 3 and 4.
-  assert result['step'] == 4
-  assert sorted(os.listdir(checkpoints)) == ['2', '4', f'4{workdir_lib.CORRUPT_SUFFIX}']
+  result = train.train_and_evaluate(config, workdir)  # Resumes from 30, retrains 31-40.
+  assert result['step'] == TOTAL
+  assert sorted(os.listdir(checkpoints)) == ['30', '40', f'40{workdir_lib.CORRUPT_SUFFIX}']
   assert_same_params(workdir, reference)  # Bit for bit.
-  assert_one_row_per_step(workdir, 4, eval_steps=[4])
+  assert_one_row_per_step(workdir, TOTAL, eval_steps=[TOTAL])
   assert values(workdir) == values(reference)  # As in the uninterrupted run, bit for bit.
   points = tensorboard_points(workdir)
-  assert points['loss'] == [1, 2, 3, 4] and points['test_accuracy'] == [4]
+  assert points['loss'] == list(range(1, TOTAL + 1)) and points['test_accuracy'] == [TOTAL]
 
   train.train_and_evaluate(config, workdir)  # Finished: evaluates again, still one row.
-  assert_one_row_per_step(workdir, 4, eval_steps=[4])
-  assert tensorboard_points(workdir)['test_accuracy'] == [4]
+  assert_one_row_per_step(workdir, TOTAL, eval_steps=[TOTAL])
+  assert tensorboard_points(workdir)['test_accuracy'] == [TOTAL]
 
 
 def test_when_no_checkpoint_restores_the_error_names_each_and_nothing_moves(finished_run, tmp_path):
   config, workdir = copy_of(finished_run, tmp_path)
   checkpoints = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
-  for step in ('2', '4'):
+  for step in ('30', '40'):
     _truncate_data(os.path.join(checkpoints, step))
   before = snapshot(workdir)
   with pytest.raises(workdir_lib.CheckpointRestoreError, match='none of the checkpoints') as e:
     workdir_lib.load_workdir(workdir)
-  assert f'{checkpoints}/4: ValueError' in str(e.value) and f'{checkpoints}/2: ' in str(e.value)
-  config.total_steps = 6
+  assert f'{checkpoints}/40: ValueError' in str(e.value) and f'{checkpoints}/30: ' in str(e.value)
+  config.total_steps = 60
   with pytest.raises(workdir_lib.CheckpointRestoreError):
     train.train_and_evaluate(config, workdir)
   before.pop(workdir_lib.LOCK_FILE)
@@ -261,26 +275,21 @@ def test_a_damaged_npz_is_a_value_error_naming_it(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The command line: kill -9, SIGTERM, prompt exit.
 
-OVERRIDES = {
-  'total_steps': 40,
-  'warmup_steps': 2,
-  'log_every': 1,
-  'eval_every': 40,
-  'checkpoint_every': 10,
-  'batch_size': 32,
-  'model.hidden_size': 16,
-  'model.transformer.num_layers': 1,
-  'model.transformer.mlp_dim': 32,
-  'model.transformer.num_heads': 2,
-  'pp_train': 'decode|value_range(-1,1)|onehot',
-}
+
+def cli_overrides(config) -> list[str]:
+  """``--config.KEY=VALUE`` for every key where ``config`` differs from configs/digits.py."""
+  digits = config_utils.load_config(f'{REPO}/configs/digits.py')
+  changes = workdir_lib.config_changes(
+    json.loads(config_utils.to_json(digits)), json.loads(config_utils.to_json(config))
+  )
+  return [f'--config.{key}={new}' for key, (_, new) in changes.items()]
 
 
 class Launch:
   """``python -m mixer_vit.main`` with its output lines read as they come (with their times)."""
 
   def __init__(self, workdir):
-    args = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+    args = cli_overrides(run_config())
     env = dict(
       os.environ,
       PYTHONPATH=str(REPO),
@@ -311,7 +320,7 @@ class Launch:
 
   def last_step(self) -> int:
     for _, line in reversed(self.lines):
-      if f'/{OVERRIDES["total_steps"]}  loss' in line:
+      if f'/{TOTAL}  loss' in line:
         return int(line.split('step ')[1].split('/')[0])
     return 0
 
@@ -337,17 +346,9 @@ def _writing(checkpoints, step='') -> list[str]:
   return [n for n in os.listdir(checkpoints) if n.startswith(f'{step}') and 'tmp' in n]
 
 
-def test_kill_9_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_path):
-  config = config_utils.load_config(f'{REPO}/configs/digits.py')
-  for key, value in OVERRIDES.items():
-    *parents, name = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  reference = str(tmp_path / 'reference')
-  train.train_and_evaluate(config, reference)  # In this process: also fills the compile cache.
-
+@pytest.mark.slow  # Three launches of the command: about 45 s on 2 cores.
+def test_kill_9_at_any_moment_then_resuming_equals_an_uninterrupted_run(finished_run, tmp_path):
+  reference = finished_run[1]
   workdir = str(tmp_path / 'run')
   checkpoints = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
   # 1. Killed while the checkpoint of step 20 is being written (10 is complete).
@@ -356,6 +357,7 @@ def test_kill_9_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_path
   run.process.kill()
   run.finish()
   assert _writing(checkpoints, '20.'), 'the kill came after the write'
+  assert workdir_lib.read_config(workdir) == workdir_lib.read_config(reference)  # Same run.
   # 2. Killed a few steps after a checkpoint: metrics.jsonl then holds rows it has no state for.
   run = Launch(workdir)
   run.wait_until(lambda: 20 in workdir_lib.checkpoint_steps(workdir) and run.last_step() >= 21)
@@ -374,12 +376,10 @@ def test_kill_9_at_any_moment_then_resuming_equals_an_uninterrupted_run(tmp_path
   assert 'Stopped after step' not in run.output()
   assert lag < 2, f'the process lingered {lag:.1f} s after its last line'
 
-  assert_same_params(workdir, reference)
-  assert_one_row_per_step(workdir, 40, eval_steps=[40])
-  assert [r['loss'] for r in rows(workdir) if 'loss' in r] == [
-    r['loss'] for r in rows(reference) if 'loss' in r
-  ]
-  assert tensorboard_points(workdir)['loss'] == list(range(1, 41))
+  assert_same_params(workdir, reference)  # Bit for bit.
+  assert_one_row_per_step(workdir, TOTAL, eval_steps=[TOTAL])
+  assert values(workdir) == values(reference)
+  assert tensorboard_points(workdir)['loss'] == list(range(1, TOTAL + 1))
   assert not _writing(checkpoints)  # The cut-short write was cleaned up.
   events = [h['event'] for h in workdir_lib.read_history(workdir)]
-  assert events[0] in ('start', 'restart') and events[-1] == 'resume'
+  assert events == ['start', 'resume', 'resume']
