@@ -89,7 +89,9 @@ def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricW
   )
 
 
-EVAL_PREFIXES = ('test_', 'fewshot')  # Values of evaluations (not of training steps).
+# Values of the evaluation a finished run repeats when launched again (train.run_eval); other
+# evaluations at that step (e.g. few-shot probes) are not repeated, so they stay.
+EVAL_PREFIXES = ('test_',)
 
 
 def _is_evaluation(names) -> bool:
