@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from mixer_vit import data
+from mixer_vit import fewshot
 from mixer_vit import metrics
 from mixer_vit import models
 from mixer_vit import optim
@@ -251,6 +252,7 @@ def train_and_evaluate(
     dropout_key = parallel.replicate(dropout_key, mesh)
     train_step = steps.make_train_step(model, tx, schedule, config, mesh)
     eval_step = steps.make_eval_step(model, config, mesh)
+    fewshot_eval = fewshot.make_evaluator(config, model, mesh)  # None: config.fewshot_every = 0.
 
     throughput = metrics.Throughput(config.batch_size, total, start_step)
     history = _History()
@@ -293,6 +295,10 @@ def train_and_evaluate(
           result.update(values, step=step)
         if step % config.eval_every == 0 or final:
           run_eval(step)
+        if fewshot_eval and fewshot_eval.due(step, final):
+          throughput.pause()
+          result.update(fewshot_eval.run_and_write(step, total, state.params, writer))
+          throughput.resume()
         if final or stop or manager.should_save(step):
           history.check_finite(workdir, last_saved)
           throughput.pause()

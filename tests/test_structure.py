@@ -29,6 +29,13 @@ LOWER_LAYERS = {
   'mixer_vit.sizes': (),
   'mixer_vit.losses': (),
   'mixer_vit.optim': (),
+  'mixer_vit.fewshot': (
+    'mixer_vit.data',
+    'mixer_vit.models',
+    'mixer_vit.parallel',
+    'mixer_vit.params_io',
+    'mixer_vit.sizes',
+  ),
   'mixer_vit.steps': ('mixer_vit.models', 'mixer_vit.losses', 'mixer_vit.parallel'),
 }
 
