@@ -339,7 +339,8 @@ def display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.n
     op in ('central_crop', 'random_crop', 'inception_crop', 'resize_small', 'flip_lr') for op in ops
   ):
     return to_uint8(model_input)
-  return np.asarray(preprocess.get_preprocess_fn('decode')({'image': data})['image'])
+  decode = preprocess.get_preprocess_fn('decode', max_pixels=classifier.max_image_pixels)
+  return np.asarray(decode({'image': data})['image'])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--labels', help='class names, one per line (for the titles)')
   parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
   parser.add_argument('--pp', help='preprocessing string replacing the default')
+  infer.add_max_pixels_flag(parser)
   parser.add_argument('--layer', type=int, default=-1, help='layer of the per-head maps')
   parser.add_argument('--head_fusion', choices=('mean', 'max', 'min'), default='mean')
   parser.add_argument(
@@ -386,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  classifier.max_image_pixels = args.max_image_pixels
   files = infer.list_images(args.images)
   summary_images, summary_maps, summary_titles = [], [], []
   failed = 0

@@ -58,6 +58,9 @@ class Classifier:
   class_names: list[str] | None
   activation: str = 'softmax'  # 'softmax' or 'sigmoid' (models trained with sigmoid_xent).
   source: str = ''  # The checkpoint path, for messages.
+  # Images with more decoded pixels are refused before decoding; None: the decode op's default
+  # (8000 x 8000), 0: no limit.
+  max_image_pixels: int | None = None
 
   def __post_init__(self):
     self._apply = jax.jit(lambda p, x: self.model.apply({'params': p}, x, train=False))
@@ -75,7 +78,7 @@ class Classifier:
   def preprocess(self, image: bytes | np.ndarray) -> np.ndarray:
     """Encoded bytes (or a uint8 HWC array) -> float32 (H, W, 3) in [-1, 1] for this model."""
     if self._pp_fn is None:
-      self._pp_fn = preprocess.get_preprocess_fn(self.pp)
+      self._pp_fn = preprocess.get_preprocess_fn(self.pp, max_pixels=self.max_image_pixels)
     out = np.asarray(self._pp_fn({'image': image})['image'], np.float32)
     if out.shape != (*self.image_size, 3):
       raise ValueError(
@@ -331,6 +334,17 @@ def format_result(result: dict[str, Any]) -> str:
 # Command line.
 
 
+def add_max_pixels_flag(parser: argparse.ArgumentParser) -> None:
+  """``--max_image_pixels``: the decoded-size guard of the command's image files."""
+  parser.add_argument(
+    '--max_image_pixels',
+    type=int,
+    default=None,
+    help='refuse images with more decoded pixels (height x width) than this, before decoding '
+    '(default 8000 x 8000; 0: no limit)',
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog='python -m mixer_vit.infer',
@@ -347,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--pp', help='preprocessing string replacing the default')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
   parser.add_argument('--activation', choices=('softmax', 'sigmoid'), default=None)
+  add_max_pixels_flag(parser)
   parser.add_argument('--json', action='store_true', help='one JSON object per line and image')
   args = parser.parse_args(argv)
 
@@ -363,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  classifier.max_image_pixels = args.max_image_pixels
   files = list_images(args.images)
   if not files:
     print(

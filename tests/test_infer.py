@@ -265,3 +265,13 @@ def test_npz_of_other_heads_and_mixer(tmp_path, name, overrides):
   img = _write_images(str(tmp_path), np.random.default_rng(0), [(32, 32)])
   (result,) = list(infer.classify_files(clf, img, top_k=2))
   assert len(result['predictions']) == 2
+
+
+def test_max_image_pixels_refuses_large_files_by_name(npz_setup, capsys):
+  good = npz_setup['good']  # The first is 60 x 40 = 2,400 pixels, the second 48 x 48 = 2,304.
+  argv = [f'--checkpoint={npz_setup["npz"]}', '--model=testing', '--json', good[0], good[1]]
+  assert infer.main([*argv, '--max_image_pixels=2350']) == 1
+  out = capsys.readouterr()
+  assert f'error: {good[0]}' in out.err and 'over the limit of 2350' in out.err
+  assert good[1] not in out.err
+  assert infer.main(argv) == 0  # The default limit (8000 x 8000) lets both through.
