@@ -784,3 +784,15 @@ def test_attention_scale_is_one_over_sqrt_head_dim():
   out = vit._fused_attention(q, k, v, 'xla')
   p1 = 1 / (1 + math.exp(-16 / 4))  # logits 16/sqrt(16) and 0
   np.testing.assert_allclose(out[0, 0, 0, 0], p1 * 0 + (1 - p1) * 1, atol=1e-6)
+
+
+def test_auto_attention_is_the_backend_choice():
+  assert vit.resolve_attention_impl('xla', jnp.float32) == 'xla'
+  expected = {'cpu': 'explicit', 'tpu': 'xla'}.get(jax.default_backend())
+  if expected:
+    assert vit.resolve_attention_impl('auto', jnp.float32) == expected
+  images = _images()
+  model, params = _init('testing', images)
+  out_auto = _run(model, params, images)
+  explicit = model.clone(attention_impl='explicit' if expected == 'explicit' else 'xla')
+  np.testing.assert_array_equal(out_auto, _run(explicit, params, images))
