@@ -352,3 +352,16 @@ def test_default_limit_is_8000_by_8000_and_checked_before_decoding():
     preprocess.get_preprocess_fn('decode(max_pixels=-1)')
   # Arrays already decoded are not checked.
   assert _run('decode(max_pixels=1)', _random_image(4, 4))['image'].shape == (4, 4, 3)
+
+
+def test_pad_adds_a_border():
+  image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+  out = _run('pad(2)', image)['image']
+  assert out.shape == (6, 7, 3)
+  np.testing.assert_array_equal(out[2:4, 2:5], image)
+  assert out[:2].sum() == 0 and out[:, :2].sum() == 0
+  np.testing.assert_array_equal(
+    _run('pad((0, 1), mode="reflect")', image)['image'][:, 0], image[:, 1]
+  )
+  with pytest.raises(ValueError, match="pad\\(mode='wrap'\\)"):
+    preprocess.get_preprocess_fn('pad(1, mode="wrap")')

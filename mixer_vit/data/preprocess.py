@@ -334,6 +334,24 @@ def resize_small(size: int, method: str = 'bilinear', antialias: bool = False):
   return fn
 
 
+@image_op('pad')
+def pad(pixels, mode='constant'):
+  """Adds ``pixels`` (int or (h, w)) on every side: zeros ('constant') or 'reflect' / 'symmetric'.
+
+  With ``random_crop`` this is the usual small-image shift augmentation (pad(4)|random_crop(32)),
+  which keeps the scale, unlike resize-then-crop.
+  """
+  ph, pw = sizes.pair(pixels, 'the padding of pad')
+  mode = mode.upper()
+  if mode not in ('CONSTANT', 'REFLECT', 'SYMMETRIC'):
+    raise ValueError(f"pad(mode={mode.lower()!r}): use 'constant', 'reflect' or 'symmetric'.")
+
+  def fn(image):
+    return tf.pad(image, [[ph, ph], [pw, pw], [0, 0]], mode=mode)
+
+  return fn
+
+
 @image_op('central_crop')
 def central_crop(size):
   """Crops the central `size` (int or (h, w)) window; the image must be at least that big."""
