@@ -25,6 +25,7 @@ LOWER_LAYERS = {
   'mixer_vit.data': ('mixer_vit.data', 'mixer_vit.parallel', 'mixer_vit.sizes'),
   'mixer_vit.params_io': ('mixer_vit.paths',),
   'mixer_vit.paths': (),
+  'mixer_vit.install': (),
   'mixer_vit.config_utils': (),
   'mixer_vit.parallel': (),
   'mixer_vit.sizes': (),
