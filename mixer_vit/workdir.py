@@ -372,12 +372,15 @@ _HELD_LEASES: set[str] = set()  # Tokens of the leases this process holds now.
 
 
 def _pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` of this host runs (signal 0 only checks)."""
+  if pid <= 0:  # Not a process (0 and -1 would address groups).
+    return False
   try:
     os.kill(pid, 0)
-  except ProcessLookupError:
+  except (ProcessLookupError, OverflowError):
     return False
-  except (PermissionError, OverflowError, ValueError):  # Alive (another user), or no PID at all.
-    return pid > 0
+  except PermissionError:  # It runs, as another user.
+    return True
   return True
 
 

@@ -65,7 +65,7 @@ def no_settling(monkeypatch):
 # The path layer.
 
 
-def test_urls_keep_their_scheme_and_local_paths_behave_as_before(tmp_path):
+def test_urls_keep_their_scheme_and_local_paths_behave_as_before(tmp_path, monkeypatch):
   assert paths.join('gs://bucket/run', 'checkpoints') == 'gs://bucket/run/checkpoints'
   assert paths.join('gs://bucket/run/', 'a', 'b') == 'gs://bucket/run/a/b'
   assert paths.absolute('gs://bucket/run') == 'gs://bucket/run'
@@ -82,11 +82,8 @@ def test_urls_keep_their_scheme_and_local_paths_behave_as_before(tmp_path):
   paths.write_text(target, 'old')
   seen = []
   real_replace = os.replace
-  os.replace = lambda a, b: (seen.append((a, b)), real_replace(a, b))
-  try:
-    workdir_lib.write_json(target, {'a': 1})
-  finally:
-    os.replace = real_replace
+  monkeypatch.setattr(os, 'replace', lambda a, b: (seen.append((a, b)), real_replace(a, b)))
+  workdir_lib.write_json(target, {'a': 1})
   assert seen == [(target + '.tmp', target)] and json.loads(paths.read_text(target)) == {'a': 1}
 
 
