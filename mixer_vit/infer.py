@@ -34,6 +34,7 @@ import numpy as np
 
 from mixer_vit import models
 from mixer_vit import params_io
+from mixer_vit import paths
 from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
@@ -201,7 +202,7 @@ def load_classifier(
       source=checkpoint_path,
     )
 
-  if os.path.isdir(checkpoint_path):
+  if paths.isdir(checkpoint_path):
     raise ValueError(
       f'{checkpoint_path} is a folder without config.json: pass a training '
       'workdir (python -m mixer_vit.main --workdir=...) or an .npz file'

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2
 import tensorflow as tf
 
+from mixer_vit import paths
 from mixer_vit import workdir as workdir_lib
 
 
@@ -29,7 +31,8 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def __init__(self, path: str):
     self._path = path
-    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    self._file = paths.open_append(path)  # On an object store each flush uploads the file.
+    self._closed = False
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step)}
@@ -62,7 +65,8 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.flush()
 
   def close(self):
-    if not self._file.closed:
+    if not self._closed:
+      self._closed = True
       self._file.close()
 
 
@@ -80,11 +84,11 @@ def make_writer(workdir: str, is_primary: bool = True) -> metric_writers.MetricW
   """TensorBoard events and ``metrics.jsonl`` in ``workdir`` (only the primary process writes)."""
   if not is_primary:
     return metric_writers.MultiWriter([])
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   return metric_writers.MultiWriter(
     [
-      metric_writers.SummaryWriter(workdir),
-      JsonlWriter(os.path.join(workdir, workdir_lib.METRICS_FILE)),
+      metric_writers.SummaryWriter(workdir),  # TensorFlow's file systems: gs:// too.
+      JsonlWriter(paths.join(workdir, workdir_lib.METRICS_FILE)),
     ]
   )
 
@@ -103,8 +107,20 @@ def _drop(step: int, names, after: int, evals_at: int | None) -> bool:
 
 
 def _rewrite(path: str, keep_records: list[bytes] | list[str], binary: bool) -> None:
-  """Replaces ``path`` atomically (a temporary file, renamed; its name has no 'tfevents' so that
-  TensorBoard never reads it)."""
+  """Replaces ``path`` atomically: locally a temporary file, renamed (its name has no 'tfevents'
+  so that TensorBoard never reads it); on an object store one object write of the new content."""
+  if paths.is_remote(path):
+    if binary:  # TFRecord framing (lengths, checksums) by TensorFlow, in a local scratch file.
+      with tempfile.TemporaryDirectory() as scratch:
+        local = os.path.join(scratch, 'records')
+        with tf.io.TFRecordWriter(local) as w:
+          for record in keep_records:
+            w.write(record)
+        with open(local, 'rb') as f:
+          paths.write_bytes(path, f.read())
+    else:
+      paths.write_text(path, ''.join(keep_records))
+    return
   tmp = os.path.join(os.path.dirname(path), f'.discard-{os.getpid()}.tmp')
   if binary:
     with tf.io.TFRecordWriter(tmp) as w:
@@ -117,10 +133,9 @@ def _rewrite(path: str, keep_records: list[bytes] | list[str], binary: bool) -> 
 
 
 def _discard_jsonl(path: str, after: int, evals_at: int | None) -> int:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return 0
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
+  lines = paths.read_text(path).splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -159,11 +174,11 @@ def discard_after(workdir: str, step: int, evaluations_at_step: bool = False) ->
   evaluations at ``step`` itself with ``evaluations_at_step``, which a run repeats), each file
   replaced atomically; rows cut short by a crash go too. For a run resuming from ``step``."""
   evals_at = step if evaluations_at_step else None
-  dropped = _discard_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE), step, evals_at)
+  dropped = _discard_jsonl(paths.join(workdir, workdir_lib.METRICS_FILE), step, evals_at)
   events = 0
-  for name in sorted(os.listdir(workdir)):
+  for name in sorted(paths.listdir(workdir)):
     if 'tfevents' in name:
-      events += _discard_events(os.path.join(workdir, name), step, evals_at)
+      events += _discard_events(paths.join(workdir, name), step, evals_at)
   if dropped or events:
     logging.info(
       'Resuming from step %d: removed %d rows of %s and %d TensorBoard events written after '
@@ -177,8 +192,7 @@ def discard_after(workdir: str, step: int, evaluations_at_step: bool = False) ->
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """All rows of a ``metrics.jsonl`` file, in order."""
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:

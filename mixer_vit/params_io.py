@@ -6,7 +6,7 @@ File format: one array per parameter, keys are the tree path joined with '/'
 axis; `save_npz` unstacks them, `stack_layers` stacks them back.
 
 bfloat16 leaves are written as float32 (plain `.npz` has no portable bfloat16).
-Paths: local files or anything `tf.io.gfile` opens (e.g. `gs://...`).
+Paths: local files or anything `tf.io.gfile` opens (e.g. `gs://...`), through `mixer_vit.paths`.
 
 Nothing here knows a model: adapting a file to a model (new head, resized position embeddings,
 older layouts) is `mixer_vit.models.load_pretrained` / `load_params`, with each model family's
@@ -26,6 +26,8 @@ import zlib
 
 import jax
 import numpy as np
+
+from mixer_vit import paths
 
 Params = dict[str, Any]
 
@@ -184,27 +186,13 @@ def verify_tree(
 # Files.
 
 
-def _is_remote(path) -> bool:
-  return '://' in os.fspath(path)
-
-
-def _open(path, mode: str):
-  path = os.fspath(path)
-  if _is_remote(path):
-    from tensorflow.io import gfile  # noqa: PLC0415  (heavy, only for gs:// and the like)
-
-    return gfile.GFile(path, mode)
-  return open(path, mode)
-
-
 def load_npz(path) -> Params:
   """Reads an `.npz` parameter file into a nested dict of numpy arrays.
 
   Raises FileNotFoundError when it does not exist and a ValueError naming it when it is not a
   readable `.npz` (truncated download, another format, damaged data)."""
-  if _is_remote(path):
-    with _open(path, 'rb') as f:
-      source = io.BytesIO(f.read())
+  if paths.is_remote(path):
+    source = io.BytesIO(paths.read_bytes(path))
   else:
     source = os.fspath(path)
   try:
@@ -229,7 +217,7 @@ def save_npz(params: Mapping, path) -> None:
   """Writes params as `.npz` in the per-layer file layout (see module doc).
 
   Accepts `{'params': tree}` too. bfloat16 leaves are stored as float32.
-  Local files are written atomically (temporary file, then rename).
+  Local files are written atomically (temporary file, then rename), a URL in one object write.
   """
   flat = flatten(unstack_layers(unwrap(params)))
   arrays = {}
@@ -241,11 +229,10 @@ def save_npz(params: Mapping, path) -> None:
       array = array.astype(np.float32)
     arrays[key] = array
   path = os.fspath(path)
-  if _is_remote(path):
+  if paths.is_remote(path):
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    with _open(path, 'wb') as f:
-      f.write(buffer.getvalue())
+    paths.write_bytes(path, buffer.getvalue())
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # A temporary name next to the target (normal permissions), then rename.

@@ -9,7 +9,11 @@
     metrics.jsonl          one JSON object per write: {"step": S, ...}
     events.out.tfevents.*  TensorBoard
     params.npz             the final parameters, in the released checkpoints' layout
-    train.lock             held (fcntl) by the training run using the workdir: its host and PID
+    train.lock             held by the training run using the workdir: its host and PID (an
+                           fcntl lock locally, a lease renewed every minute on gs:// and other URLs)
+
+WORKDIR may be a local path or a URL (``gs://bucket/run``, ``ram://run``): every file above except
+the Orbax checkpoints is read and written through ``mixer_vit.paths``; Orbax gets the same URL.
 
 Train-state checkpoints are written every ``checkpoint_every`` steps and at the end, the last
 ``keep_checkpoints`` kept, asynchronously while training goes on. Every process calls the
@@ -20,7 +24,8 @@ What a relaunch may rely on:
 - One writer: a training run holds ``train.lock`` (process i > 0 of a multi-process run
   ``train.lock.<i>``) from before its first write until it ends; a second run is refused with the
   holder's host and PID. The OS drops the lock when the process ends, however it ends. Readers
-  (``load_workdir``, the tools) never take it.
+  (``load_workdir``, the tools) never take it. On a URL (an object store has no locks) the run
+  holds a lease file instead (``LeaseLock``): refused while fresh, taken over once stale.
 - The config contract: once a workdir has checkpoints, a config that differs in a key outside
   ``RESUMABLE_KEYS`` is refused before anything is written (``check_config_change``), unless
   ``allow_config_change=True``; every launch and its changes are appended to
@@ -38,7 +43,10 @@ import json
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any
+import uuid
 
 from absl import logging
 import jax
@@ -51,6 +59,7 @@ from mixer_vit import config_utils
 from mixer_vit import data
 from mixer_vit import optim
 from mixer_vit import params_io
+from mixer_vit import paths
 from mixer_vit import steps
 
 CONFIG_FILE = 'config.json'
@@ -106,15 +115,15 @@ class CheckpointRestoreError(WorkdirError):
 
 def is_workdir(path: str) -> bool:
   """True for a training workdir (it holds config.json)."""
-  return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
+  return paths.isdir(path) and paths.exists(paths.join(path, CONFIG_FILE))
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes ``value`` (JSON text or a JSON-able value) atomically: a temporary file, renamed."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(value if isinstance(value, str) else json.dumps(value, indent=2))
-  os.replace(tmp, path)
+  """Writes ``value`` (JSON text or a JSON-able value) atomically: locally a temporary file,
+  renamed; on an object store one object write (``paths.write_bytes``)."""
+  paths.write_text(
+    path, value if isinstance(value, str) else json.dumps(value, indent=2), path + '.tmp'
+  )
 
 
 def write_run_files(
@@ -124,10 +133,10 @@ def write_run_files(
   image_shape: tuple[int, ...],
 ) -> None:
   """``config.json`` and ``dataset_info.json``: what another tool needs to rebuild the model."""
-  write_json(os.path.join(workdir, CONFIG_FILE), config_utils.to_json(config))
+  write_json(paths.join(workdir, CONFIG_FILE), config_utils.to_json(config))
   class_names = list(info.class_names) if info.class_names is not None else None
   write_json(
-    os.path.join(workdir, DATASET_INFO_FILE),
+    paths.join(workdir, DATASET_INFO_FILE),
     {
       'num_classes': info.num_classes,
       'class_names': class_names,
@@ -139,25 +148,23 @@ def write_run_files(
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The training config a run wrote to ``workdir``."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(
       f'{path} not found: {workdir} is not a training workdir (run '
       'python -m mixer_vit.main --workdir=... first).'
     )
-  with open(path, encoding='utf-8') as f:
-    return config_utils.from_json(f.read())
+  return config_utils.from_json(paths.read_text(path))
 
 
 def read_dataset_info(workdir: str) -> dict[str, Any]:
   """``dataset_info.json``: num_classes, class_names, image_shape, num_examples."""
-  with open(os.path.join(workdir, DATASET_INFO_FILE), encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(paths.read_text(paths.join(workdir, DATASET_INFO_FILE)))
 
 
 def save_params(workdir: str, params: Any) -> str:
   """Writes the final parameters to ``params.npz``; returns its path."""
-  path = os.path.join(workdir, PARAMS_FILE)
+  path = paths.join(workdir, PARAMS_FILE)
   params_io.save_npz(params, path)
   return path
 
@@ -224,13 +231,12 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict) -> Laun
       a key outside ``RESUMABLE_KEYS`` while ``config.allow_config_change`` is False. The message
       lists each such key (old -> new) and the ways on.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = paths.join(workdir, CONFIG_FILE)
   steps_on_disk = checkpoint_steps(workdir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return Launch(False, steps_on_disk, {}, [])
   try:
-    with open(path, encoding='utf-8') as f:
-      previous = json.load(f)
+    previous = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise WorkdirError(
       f'cannot read {path} ({e}); it records how the run in {workdir} was trained. Restore it, '
@@ -252,7 +258,7 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict) -> Laun
       f'{lines}\nNothing in {workdir} was changed.{also} Either resume with the values above '
       '(drop the overrides or restore the config file), or start a new run with another '
       '--workdir, or accept the change on purpose with --config.allow_config_change=True (it '
-      f'is recorded in {os.path.join(workdir, HISTORY_FILE)}).'
+      f'is recorded in {paths.join(workdir, HISTORY_FILE)}).'
     )
   return Launch(True, steps_on_disk, changes, fixed)
 
@@ -288,17 +294,15 @@ def record_launch(workdir: str, launch: Launch, step: int) -> None:
       _value_text(launch.changes[key][1]),
       HISTORY_FILE,
     )
-  with open(os.path.join(workdir, HISTORY_FILE), 'a', encoding='utf-8') as f:
-    f.write(json.dumps(row) + '\n')
+  paths.append_text(paths.join(workdir, HISTORY_FILE), json.dumps(row) + '\n')
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:
   """The rows of ``config_history.jsonl`` (empty when there is none)."""
-  path = os.path.join(workdir, HISTORY_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, HISTORY_FILE)
+  if not paths.exists(path):
     return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +361,196 @@ class WorkdirLock:
     self.release()
 
 
-def lock_workdir(workdir: str) -> WorkdirLock:
-  """This process's ``WorkdirLock``, taken; with several processes, every process of the run
+# The lease of a workdir on an object store (LeaseLock): renewed every LEASE_RENEW_S by the run
+# that holds it, stale (and then taken over by the next run) once LEASE_TIMEOUT_S old. After
+# writing its lease a run waits LEASE_SETTLE_S and reads it back: a run that started at the same
+# moment and wrote last wins, the other stops.
+LEASE_TIMEOUT_S = 600.0
+LEASE_RENEW_S = 60.0
+LEASE_SETTLE_S = 2.0
+_HELD_LEASES: set[str] = set()  # Tokens of the leases this process holds now.
+
+
+def _pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` of this host runs (signal 0 only checks)."""
+  if pid <= 0:  # Not a process (0 and -1 would address groups).
+    return False
+  try:
+    os.kill(pid, 0)
+  except (ProcessLookupError, OverflowError):
+    return False
+  except PermissionError:  # It runs, as another user.
+    return True
+  return True
+
+
+class LeaseLock:
+  """One writer on a workdir where ``fcntl`` cannot work (``gs://``, any URL): a lease file
+  ``WORKDIR/train.lock`` (``train.lock.<i>`` for process i > 0) holding the holder's host, PID,
+  start time and the time it was last renewed, rewritten every ``renew_s`` by a thread.
+
+  A run refuses to start while the lease of another run is fresh (renewed less than
+  ``timeout_s`` ago); it takes over a stale one (the holder died without removing it), with a
+  warning naming it, and at once one left by a process of this host that no longer runs. The
+  lease is advisory: two runs launched within the same second or two may both find no lease;
+  each reads its lease back after ``settle_s`` and the one that wrote first stops, but an object
+  store gives no compare-and-swap through ``tf.io.gfile``, so this narrows the window without
+  closing it.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    process_index: int = 0,
+    timeout_s: float | None = None,
+    renew_s: float | None = None,
+    settle_s: float | None = None,
+  ):
+    name = LOCK_FILE if process_index == 0 else f'{LOCK_FILE}.{process_index}'
+    self.path = paths.join(workdir, name)
+    self.timeout_s = LEASE_TIMEOUT_S if timeout_s is None else timeout_s
+    self.renew_s = LEASE_RENEW_S if renew_s is None else renew_s
+    self.settle_s = LEASE_SETTLE_S if settle_s is None else settle_s
+    self.lost = False  # Set when another run overwrote the lease while this one held it.
+    self._token = uuid.uuid4().hex
+    self._since = ''
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def read(self) -> dict[str, Any] | None:
+    """The lease in the file (None when there is none)."""
+    if not paths.exists(self.path):
+      return None
+    text = paths.read_text(self.path)
+    try:
+      holder = json.loads(text)
+      float(holder['renewed'])
+      return holder
+    except (ValueError, KeyError, TypeError):
+      raise WorkdirBusyError(
+        f'{self.path} is not a lease this project wrote ({text[:200]!r}); if no training run '
+        f'uses {paths.dirname(self.path)}, delete it (gsutil rm {self.path}) and run again.'
+      ) from None
+
+  def _write(self) -> None:
+    now = time.time()
+    lease = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'since': self._since,
+      'renewed': now,
+      'renewed_at': datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(
+        timespec='seconds'
+      ),
+      'timeout_s': self.timeout_s,
+      'token': self._token,
+    }
+    paths.write_text(self.path, json.dumps(lease) + '\n')
+
+  def _who(self, holder: dict[str, Any]) -> str:
+    return (
+      f'PID {holder.get("pid")} on {holder.get("host")} (since {holder.get("since")}, last '
+      f'renewed {holder.get("renewed_at")})'
+    )
+
+  def acquire(self) -> None:
+    """Takes the lease, or raises WorkdirBusyError naming the holder and the file (unchanged)."""
+    paths.makedirs(paths.dirname(self.path))
+    holder = self.read()
+    if holder is not None:
+      age = time.time() - float(holder['renewed'])
+      here = holder.get('host') == socket.gethostname()
+      pid = int(holder.get('pid', -1))
+      if here and pid == os.getpid():
+        gone = holder.get('token') not in _HELD_LEASES  # Left by an earlier run of this process.
+      else:
+        gone = here and not _pid_alive(pid)
+      if age < self.timeout_s and not gone:
+        workdir = paths.dirname(self.path)
+        raise WorkdirBusyError(
+          f'{workdir} is in use by another training run: {self._who(holder)} holds the lease '
+          f'{self.path} ({age:.0f} s ago). Wait for it to end or stop it, or use another '
+          f'--workdir. A lease not renewed for {self.timeout_s:.0f} s is stale and the next run '
+          f'takes it over; if you are sure no run uses the workdir, delete it now (gsutil rm '
+          f'{self.path}). (Reading the workdir, e.g. with mixer_vit.infer, needs no lease.)'
+        )
+      logging.warning(
+        'Taking over the lease %s of %s: %s.',
+        self.path,
+        self._who(holder),
+        'that process no longer runs'
+        if gone
+        else f'not renewed for {age:.0f} s, longer than the {self.timeout_s:.0f} s after which '
+        'a lease is stale',
+      )
+    self._since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+    self._write()
+    if self.settle_s:
+      time.sleep(self.settle_s)
+    holder = self.read()
+    if holder is None or holder.get('token') != self._token:
+      raise WorkdirBusyError(
+        f'{paths.dirname(self.path)} is in use by another training run: it wrote the lease '
+        f'{self.path} at the same time as this one'
+        + (f' ({self._who(holder)})' if holder else '')
+        + '. Use another --workdir, or wait for that run to end.'
+      )
+    _HELD_LEASES.add(self._token)
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._renew, name='mixer_vit-lease', daemon=True)
+    self._thread.start()
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.renew_s):
+      try:
+        holder = self.read()
+        if holder is None or holder.get('token') != self._token:
+          self.lost = True
+          logging.error(
+            'The lease %s of this run was %s: another run may now write to the same workdir. '
+            'Stop one of them.',
+            self.path,
+            f'taken by {self._who(holder)}' if holder else 'deleted',
+          )
+          return
+        self._write()
+      except Exception as e:  # noqa: BLE001  A failed renewal is retried; training goes on.
+        logging.warning('Could not renew the lease %s (%s); trying again.', self.path, e)
+
+  def release(self) -> None:
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+    _HELD_LEASES.discard(self._token)
+    try:
+      holder = self.read()
+      if holder is not None and holder.get('token') == self._token:
+        paths.remove(self.path)
+    except Exception as e:  # noqa: BLE001  It goes stale by itself.
+      logging.warning('Could not remove the lease %s (%s); it goes stale by itself.', self.path, e)
+
+  def __enter__(self) -> LeaseLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def make_lock(workdir: str, process_index: int = 0) -> WorkdirLock | LeaseLock:
+  """The lock of ``workdir`` for process ``process_index``: an ``fcntl`` lock for a local path,
+  a lease file for a URL (object stores have no locks)."""
+  if paths.is_remote(workdir):
+    return LeaseLock(workdir, process_index)
+  return WorkdirLock(workdir, process_index)
+
+
+def lock_workdir(workdir: str) -> WorkdirLock | LeaseLock:
+  """This process's lock (``make_lock``), taken; with several processes, every process of the run
   stops (with the holder's name) when any of them finds its lock taken."""
-  lock = WorkdirLock(workdir, jax.process_index())
+  lock = make_lock(workdir, jax.process_index())
   error = None
   try:
     lock.acquire()
@@ -402,8 +592,7 @@ def make_manager(
     # Left by a save that was cut short (kill -9); only the one writer (WorkdirLock) removes them.
     cleanup_tmp_directories=not read_only,
   )
-  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  return ocp.CheckpointManager(path, options=options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save_checkpoint(
@@ -429,12 +618,21 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """``WORKDIR/checkpoints``, the folder Orbax is given: absolute for a local workdir, the URL
+  itself for ``gs://...`` (as given: no ``os.path.abspath``, no ``pathlib``, which would turn
+  ``gs://`` into ``gs:/``)."""
+  return paths.join(paths.absolute(workdir), CHECKPOINT_DIR)
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the checkpoints in ``workdir`` (``checkpoints/<step>/``), oldest first."""
-  path = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(path):
+  path = checkpoint_dir(workdir)
+  if not paths.isdir(path):
     return []
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(f'{path}/{n}'))
+  return sorted(
+    int(n) for n in paths.listdir(path) if n.isdigit() and paths.isdir(paths.join(path, n))
+  )
 
 
 def _reason(error: Exception) -> str:
@@ -463,12 +661,16 @@ def _quiet_closed_loops() -> None:
 
 
 def _move_aside(directory: str, step: int) -> str:
-  target = os.path.join(directory, f'{step}{CORRUPT_SUFFIX}')
+  """Renames ``<step>`` to ``<step>.corrupt`` (``.corrupt.<n>`` when taken); on an object store a
+  copy of every object, then a delete (``paths.move_tree``)."""
+  names = set(paths.listdir(directory))
+  target = f'{step}{CORRUPT_SUFFIX}'
   n = 1
-  while os.path.exists(target):
-    target = os.path.join(directory, f'{step}{CORRUPT_SUFFIX}.{n}')
+  while target in names:
+    target = f'{step}{CORRUPT_SUFFIX}.{n}'
     n += 1
-  os.rename(os.path.join(directory, str(step)), target)
+  target = paths.join(directory, target)
+  paths.move_tree(paths.join(directory, str(step)), target)
   return target
 
 
@@ -490,7 +692,7 @@ def restore_newest(
     FileNotFoundError: the workdir has no checkpoint.
     CheckpointRestoreError: none restores (then nothing is moved); lists each with its reason.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  directory = checkpoint_dir(workdir)
   _quiet_closed_loops()
   failed = []
   for step in reversed(checkpoint_steps(workdir)):
@@ -569,7 +771,7 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
   else:
     if step not in checkpoint_steps(workdir):
       raise FileNotFoundError(
-        f'no checkpoint of step {step} in {workdir}/{CHECKPOINT_DIR} (steps: '
+        f'no checkpoint of step {step} in {checkpoint_dir(workdir)} (steps: '
         f'{checkpoint_steps(workdir)}).'
       )
     manager = make_manager(workdir, config, read_only=True)
@@ -577,7 +779,7 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
       state = restore_checkpoint(manager, abstract, step)
     except Exception as e:  # noqa: BLE001  Whatever is damaged: one message naming the files.
       raise CheckpointRestoreError(
-        f'cannot restore {workdir}/{CHECKPOINT_DIR}/{step} ({_reason(e)}).'
+        f'cannot restore {paths.join(checkpoint_dir(workdir), str(step))} ({_reason(e)}).'
       ) from e
     finally:
       manager.close()

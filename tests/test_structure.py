@@ -23,7 +23,9 @@ TOOLS = (
 LOWER_LAYERS = {
   'mixer_vit.models': ('mixer_vit.models', 'mixer_vit.params_io', 'mixer_vit.sizes'),
   'mixer_vit.data': ('mixer_vit.data', 'mixer_vit.parallel', 'mixer_vit.sizes'),
-  'mixer_vit.params_io': (),
+  'mixer_vit.params_io': ('mixer_vit.paths',),
+  'mixer_vit.paths': (),
+  'mixer_vit.install': (),
   'mixer_vit.config_utils': (),
   'mixer_vit.parallel': (),
   'mixer_vit.sizes': (),
