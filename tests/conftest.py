@@ -8,7 +8,12 @@ import tempfile
 # Must happen before jax / tensorflow are imported anywhere.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TFDS_DATA_DIR', tempfile.mkdtemp(prefix='mixer_vit_tfds_'))
+# A private tfds folder per process, pytest-xdist workers included (two writers of one folder
+# would race); a TFDS_DATA_DIR set by the user is kept.
+_owner = os.environ.get('MIXER_VIT_TEST_TFDS_OWNER')
+if 'TFDS_DATA_DIR' not in os.environ or (_owner and _owner != str(os.getpid())):
+  os.environ['TFDS_DATA_DIR'] = tempfile.mkdtemp(prefix='mixer_vit_tfds_')
+  os.environ['MIXER_VIT_TEST_TFDS_OWNER'] = str(os.getpid())
 os.environ.setdefault('MPLBACKEND', 'Agg')
 
 import pytest  # noqa: E402
