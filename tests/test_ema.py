@@ -92,7 +92,11 @@ def test_without_ema_the_state_is_the_plain_train_state():
 
 
 def _config(**overrides):
-  return tiny_config(total_steps=8, checkpoint_every=4, eval_every=4, ema_decay=DECAY, **overrides)
+  """The EMA runs' config (dropout on: its keys must follow the step)."""
+  config = tiny_config(total_steps=8, checkpoint_every=4, eval_every=4, ema_decay=DECAY)
+  config.model.dropout_rate = 0.1
+  config.update(overrides)
+  return config
 
 
 @pytest.fixture(scope='module')
@@ -100,11 +104,9 @@ def ema_runs(tmp_path_factory):
   """The same EMA run uninterrupted and stopped at step 4, then resumed."""
   root = tmp_path_factory.mktemp('ema')
   full, parts = str(root / 'full'), str(root / 'parts')
-  config = _config()
-  config.model.update(dropout_rate=0.1)  # Keys must follow the step.
-  result = train.train_and_evaluate(config, full)
-  assert train.train_and_evaluate(config, parts, stop_after_step=4)['stopped_early']
-  train.train_and_evaluate(config, parts)
+  result = train.train_and_evaluate(_config(), full)
+  assert train.train_and_evaluate(_config(), parts, stop_after_step=4)['stopped_early']
+  train.train_and_evaluate(_config(), parts)
   return full, parts, result
 
 
@@ -162,30 +164,24 @@ def test_infer_and_evaluate_pick_the_ema_with_a_flag(ema_runs, tmp_path, capsys)
   assert out['loss'] == pytest.approx(result['test_loss_ema'], rel=1e-5)
 
 
-def test_a_run_without_ema_says_so_and_can_turn_it_on_only_on_purpose(tmp_path, capsys):
+def test_a_run_without_ema_says_so_and_can_turn_it_on_only_on_purpose(ema_runs, tmp_path, capsys):
   workdir = str(tmp_path / 'plain')
-  plain = tiny_config(total_steps=4, checkpoint_every=4)
-  train.train_and_evaluate(plain, workdir)
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.PARAMS_EMA_FILE))
+  assert train.train_and_evaluate(_config(ema_decay=0.0), workdir, stop_after_step=4)['step'] == 4
   with pytest.raises(workdir_lib.WorkdirError, match='checkpoints/4 holds no EMA'):
     workdir_lib.load_workdir(workdir, ema=True)
-  params = os.path.join(workdir, workdir_lib.PARAMS_FILE)
-  assert infer.main([f'--checkpoint={params}', '--model=testing', '--ema', params]) == 2
-  assert (
-    f'{os.path.join(workdir, workdir_lib.PARAMS_EMA_FILE)} not found' in capsys.readouterr().err
-  )
   assert evaluate.main([f'--checkpoint={workdir}', '--ema']) == 2
   assert 'holds no EMA parameters' in capsys.readouterr().err
+  ema_file = os.path.join(workdir, workdir_lib.PARAMS_EMA_FILE)
+  with pytest.raises(FileNotFoundError, match=f'{ema_file} not found'):
+    workdir_lib.ema_npz_path(os.path.join(workdir, workdir_lib.PARAMS_FILE))
 
-  on = tiny_config(total_steps=6, checkpoint_every=4, ema_decay=DECAY)
   with pytest.raises(workdir_lib.ConfigChangeError, match='ema_decay: 0.0 -> 0.8'):
-    train.train_and_evaluate(on, workdir)
-  on.allow_config_change = True
-  result = train.train_and_evaluate(on, workdir)  # EMA from the resumed parameters on.
-  assert result['step'] == 6 and 'test_accuracy_ema' in result
+    train.train_and_evaluate(_config(), workdir)
+  result = train.train_and_evaluate(_config(allow_config_change=True), workdir)
+  assert result['step'] == 8 and 'test_accuracy_ema' in result  # EMA from step 4's parameters.
   assert workdir_lib.load_workdir(workdir, step=4).params  # The older checkpoint still loads.
-  assert workdir_lib.load_workdir(workdir, ema=True).step == 6
-  assert os.path.exists(os.path.join(workdir, workdir_lib.PARAMS_EMA_FILE))
-  off = tiny_config(total_steps=7, checkpoint_every=4, allow_config_change=True)
-  train.train_and_evaluate(off, workdir)  # And off again: dropped, its stale file too.
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.PARAMS_EMA_FILE))
+  assert workdir_lib.load_workdir(workdir, ema=True).step == 8
+  assert os.path.exists(ema_file)
+  # Without EMA (turned off again) the final files drop the stale params_ema.npz.
+  workdir_lib.save_params(workdir, workdir_lib.load_workdir(workdir).params)
+  assert not os.path.exists(ema_file)
