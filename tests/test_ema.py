@@ -29,8 +29,9 @@ DECAY = 0.8
 FROZEN = '(embedding|cls|Transformer/posembed_input)(/.*)?'
 
 
-def _toy(ema, frozen=''):
-  """A tiny ViT, its optimiser and jitted train step on one device, and one fixed batch."""
+def _toy(ema, frozen='', abstract=False):
+  """A tiny ViT's state (only shapes with ``abstract``: nothing compiled), its jitted train step
+  on one device, one fixed batch and the dropout key."""
   config = config_utils.base_config()
   config.update(lr=0.1, warmup_steps=0, total_steps=10, ema_decay=DECAY if ema else 0.0)
   config.frozen = frozen
@@ -41,8 +42,11 @@ def _toy(ema, frozen=''):
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  init = jax.jit(steps.make_init_fn(model, tx, (8, 8, 3), ema), out_shardings=None)
-  state = parallel.replicate(init(jax.random.key(0)), mesh)
+  init = steps.make_init_fn(model, tx, (8, 8, 3), ema)
+  if abstract:
+    state = jax.eval_shape(init, jax.random.key(0))
+  else:
+    state = parallel.replicate(jax.jit(init)(jax.random.key(0)), mesh)
   step = steps.make_train_step(model, tx, schedule, config, mesh)
   rng = np.random.default_rng(0)
   batch = {
@@ -76,7 +80,7 @@ def test_ema_equals_its_closed_form_and_frozen_parameters_keep_theirs():
 
 
 def test_without_ema_the_state_is_the_plain_train_state():
-  state, step, batch, key = _toy(ema=False)
+  state, step, batch, key = _toy(ema=False, abstract=True)
   assert type(state) is steps.TrainState and steps.ema_params_of(state) is None
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
   assert {p[0].name for p in paths} == {'step', 'params', 'opt_state'}
