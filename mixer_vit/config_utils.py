@@ -90,6 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Layer-wise learning-rate decay for ViT / Mixer (1: off): with L blocks, block i gets
   # layer_decay ** (L - i), the embedding / stem layer_decay ** (L + 1), head and final norm 1.
   c.layer_decay = 1.0
+  # Exponential moving average of the parameters (mixer_vit.steps), 0: off. Each step
+  # ema <- decay * ema + (1 - decay) * params, from ema = the initial parameters (no warm-up); it
+  # averages over about 1 / (1 - decay) steps. Evaluated beside the parameters (test_*_ema),
+  # written to params_ema.npz; infer / evaluate --ema use it. Changing it on resume needs
+  # allow_config_change (turned on, the EMA starts from the resumed parameters).
+  c.ema_decay = 0.0
 
   # Bookkeeping (in steps).
   c.log_every = 50

@@ -1,7 +1,7 @@
 r"""Evaluates a checkpoint on a data set split: top-1, top-5 accuracy and the example count; or,
 with ``--fewshot``, the few-shot linear probes of its representation (``mixer_vit.fewshot``).
 
-  python -m mixer_vit.evaluate --checkpoint=WORKDIR [--split=test]
+  python -m mixer_vit.evaluate --checkpoint=WORKDIR [--split=test] [--ema]
   python -m mixer_vit.evaluate --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
       --dataset=cifar10 --pp='decode|resize(384)|value_range(-1,1)|onehot' [--split=test]
   python -m mixer_vit.evaluate --checkpoint=WORKDIR --fewshot [--fewshot_dataset=digits] \
@@ -12,6 +12,10 @@ padding rows masked out) and ``steps.make_eval_step`` / ``steps.evaluate``, data
 devices. A workdir brings its data config (``config.json``); ``--dataset``, ``--data_dir``,
 ``--pp`` and ``--batch_size`` override it. For an ``.npz`` file ``--dataset`` is required and the
 preprocessing defaults to a resize to the checkpoint's resolution.
+
+``--ema`` evaluates the EMA parameters of a run trained with ``config.ema_decay`` (as
+``mixer_vit.infer --ema``: the workdir checkpoint's, or the ``params_ema.npz`` beside its
+``params.npz``).
 
 ``--fewshot`` probes the data sets of the workdir's ``config.fewshot`` (default: its training data
 set), or ``--fewshot_dataset`` (comma-separated names or image folders, with the splits of
@@ -211,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
   parser.add_argument('--json', action='store_true', help='print the result as JSON')
+  infer.add_ema_flag(parser)
   parser.add_argument(
     '--fewshot', action='store_true', help='few-shot linear probes of the representation instead'
   )
@@ -230,7 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f'{", ".join(given)}: only with --fewshot')
   try:
     classifier = infer.load_classifier(
-      args.checkpoint, args.model, resolution=sizes.parse(args.resolution), dtype=args.dtype
+      args.checkpoint,
+      args.model,
+      resolution=sizes.parse(args.resolution),
+      dtype=args.dtype,
+      ema=args.ema,
     )
     dataset = args.dataset
     if args.fewshot and not dataset and args.fewshot_dataset:
@@ -266,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     top5 = 'n/a' if result['top5'] is None else f'{100 * result["top5"]:.2f} %'
     print(
-      f'{result["dataset"]} {result["split"]}: top-1 {100 * result["top1"]:.2f} %, '
-      f'top-5 {top5}, loss {result["loss"]:.4f}, {result["examples"]} examples'
+      f'{result["dataset"]} {result["split"]}{" (EMA)" if args.ema else ""}: top-1 '
+      f'{100 * result["top1"]:.2f} %, top-5 {top5}, loss {result["loss"]:.4f}, '
+      f'{result["examples"]} examples'
     )
   return 0
 

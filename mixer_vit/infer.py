@@ -12,6 +12,10 @@ The preprocessing is the evaluation preprocessing the checkpoint expects:
   checkpoint was trained at, read from its position embeddings (``--resolution`` overrides it for
   non-square checkpoints); class names from ``--labels`` (one per line, in label order).
 
+``--ema`` takes the exponential moving average of the parameters of a run trained with
+``config.ema_decay``: a workdir's checkpoint's EMA parameters, or the ``params_ema.npz`` beside a
+workdir's ``params.npz`` (an error names what is missing when the run kept no EMA).
+
 Folders are searched recursively for image files and processed in batches. A file that cannot be
 read or decoded is reported by name on stderr and the others are still classified; the exit status
 is then 1.
@@ -157,6 +161,7 @@ def load_classifier(
   pp: str | None = None,
   dtype: str | None = None,
   activation: str | None = None,
+  ema: bool = False,
 ) -> Classifier:
   """A ``Classifier`` from a training workdir or an ``.npz`` file (see the module docstring).
 
@@ -168,11 +173,13 @@ def load_classifier(
     pp: preprocessing string replacing the default one (must give (H, W, 3) in [-1, 1]).
     dtype: compute dtype ('float32', 'bfloat16').
     activation: 'softmax' or 'sigmoid' (default: sigmoid only for sigmoid_xent workdirs).
+    ema: the EMA parameters of the run (``config.ema_decay``): the workdir checkpoint's, or
+      ``params_ema.npz`` for a workdir's ``params.npz`` (``workdir.ema_npz_path``).
   """
   if resolution is not None:
     resolution = sizes.pair(resolution, '--resolution')
   if workdir_lib.is_workdir(checkpoint_path):
-    trained = workdir_lib.load_workdir(checkpoint_path)
+    trained = workdir_lib.load_workdir(checkpoint_path, ema=ema)
     if model and models.resolve_name(model) != models.resolve_name(trained.config.model_name):
       raise ValueError(
         f'--model={model} but the workdir {checkpoint_path} trained '
@@ -209,6 +216,8 @@ def load_classifier(
     )
   if not os.path.exists(checkpoint_path) and '://' not in checkpoint_path:
     raise FileNotFoundError(f'checkpoint {checkpoint_path} not found')
+  if ema:
+    checkpoint_path = workdir_lib.ema_npz_path(checkpoint_path)
   if not model:
     raise ValueError(
       '--model is required for an .npz checkpoint (e.g. --model=ViT-B_16); '
@@ -335,6 +344,16 @@ def format_result(result: dict[str, Any]) -> str:
 # Command line.
 
 
+def add_ema_flag(parser: argparse.ArgumentParser) -> None:
+  """``--ema``: the EMA parameters of a run trained with ``config.ema_decay``."""
+  parser.add_argument(
+    '--ema',
+    action='store_true',
+    help="the run's EMA parameters (config.ema_decay): its checkpoint's, or params_ema.npz "
+    'beside its params.npz',
+  )
+
+
 def add_max_pixels_flag(parser: argparse.ArgumentParser) -> None:
   """``--max_image_pixels``: the decoded-size guard of the command's image files."""
   parser.add_argument(
@@ -362,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--pp', help='preprocessing string replacing the default')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
   parser.add_argument('--activation', choices=('softmax', 'sigmoid'), default=None)
+  add_ema_flag(parser)
   add_max_pixels_flag(parser)
   parser.add_argument('--json', action='store_true', help='one JSON object per line and image')
   args = parser.parse_args(argv)
@@ -375,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       pp=args.pp,
       dtype=args.dtype,
       activation=args.activation,
+      ema=args.ema,
     )
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)

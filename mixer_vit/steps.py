@@ -4,6 +4,15 @@
 ``TrainState`` (step, parameters, optimiser state); ``make_train_step`` and ``make_eval_step`` are
 the jitted functions the trainer, the evaluation command and the benchmark all run, with explicit
 shardings from ``mixer_vit.parallel`` (batch split over the ``data`` axis, state replicated).
+
+EMA (``config.ema_decay`` = d in (0, 1); 0 / None: off, the default). The state is then an
+``EmaTrainState``: a ``TrainState`` plus ``ema_params``, a float32 tree like ``params``, set to
+the initial (or pretrained) parameters at step 0 and updated inside the jitted train step after
+the optimiser's update: ``ema <- ema + (1 - d) * (params - ema)``, i.e. ``d * ema + (1 - d) *
+params`` with no warm-up or bias correction, so after n steps ``ema_n = d**n * params_0 +
+sum_{k=1..n} (1 - d) * d**(n - k) * params_k``. Written that way a parameter that does not move
+(``config.frozen`` / ``trainable``) keeps its EMA equal to it exactly. With EMA off the state is the
+plain ``TrainState``, its tree (and so its checkpoints) as without this feature.
 """
 
 from __future__ import annotations
@@ -31,6 +40,54 @@ class TrainState:
   opt_state: Any
 
 
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+  """A ``TrainState`` with an exponential moving average of the parameters (module docstring)."""
+
+  ema_params: Any  # float32, the tree of `params`.
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> float | None:
+  """``config.ema_decay`` as a float in (0, 1), or None when EMA is off (absent, None or 0)."""
+  decay = config.get('ema_decay')
+  if not decay:
+    return None
+  if not 0.0 < float(decay) < 1.0:
+    raise ValueError(
+      f'config.ema_decay must be in (0, 1) (0: off), got {decay}; e.g. 0.9999 for long runs, '
+      'about 1 - 10 / total_steps for short ones (it averages over about 1 / (1 - decay) steps).'
+    )
+  return float(decay)
+
+
+def ema_params_of(state: Any) -> Any:
+  """The EMA parameters of a train state, or None when it has none."""
+  return state.ema_params if isinstance(state, EmaTrainState) else None
+
+
+def _ema_start(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):  # An abstract state (a restore target).
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding)
+  return jnp.array(x, dtype=jnp.float32, copy=True)  # Own buffers: the train step donates both.
+
+
+def with_ema(state: TrainState, ema: bool) -> TrainState:
+  """``state`` with EMA parameters (a float32 copy of its parameters when it had none) or, with
+  ``ema`` False, without them; unchanged when it already is so. Also for abstract states."""
+  has = isinstance(state, EmaTrainState)
+  if ema and not has:
+    ema_params = jax.tree.map(_ema_start, state.params)
+    return EmaTrainState(state.step, state.params, state.opt_state, ema_params)
+  if has and not ema:
+    return TrainState(state.step, state.params, state.opt_state)
+  return state
+
+
+def update_ema(ema_params: Any, params: Any, decay: float) -> Any:
+  """One EMA step: ``ema + (1 - decay) * (params - ema)`` per leaf, in float32."""
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema_params, params)
+
+
 def make_model(
   config: ml_collections.ConfigDict, num_classes: int, image_size: tuple[int, int] | None = None
 ) -> tuple[ml_collections.ConfigDict, Any]:
@@ -50,21 +107,26 @@ def make_model(
 
 
 def make_init_fn(
-  model, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
+  model, tx: optax.GradientTransformation, image_shape: tuple[int, ...], ema: bool = False
 ) -> Callable[[jax.Array], TrainState]:
-  """``key -> TrainState`` at step 0 with freshly initialised parameters (jit it)."""
+  """``key -> TrainState`` at step 0 with freshly initialised parameters (jit it); with ``ema``
+  an ``EmaTrainState`` whose EMA starts at those parameters."""
 
   def init(key):
     images = jnp.zeros((1, *image_shape), jnp.float32)
     params = model.init({'params': key}, images, train=False)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return state_from_params(params, tx, ema)
 
   return init
 
 
-def state_from_params(params: Any, tx: optax.GradientTransformation) -> TrainState:
-  """A step-0 ``TrainState`` around given (e.g. pretrained) parameters (jit it)."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def state_from_params(
+  params: Any, tx: optax.GradientTransformation, ema: bool = False
+) -> TrainState:
+  """A step-0 ``TrainState`` around given (e.g. pretrained) parameters (jit it); with ``ema`` an
+  ``EmaTrainState`` whose EMA starts at them."""
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return with_ema(state, ema)
 
 
 def _micro_batches(x: jax.Array, k: int) -> jax.Array:
@@ -89,9 +151,11 @@ def make_train_step(
 
   Dropout keys are ``fold_in(rng, step)`` (and the micro-batch index), so they depend only on the
   step, not on the devices. With ``accum_steps = k`` the batch is cut into k micro-batches whose
-  gradients are averaged in a ``lax.scan``: one optimiser update per step.
+  gradients are averaged in a ``lax.scan``: one optimiser update per step. An ``EmaTrainState``
+  also gets its EMA step (``update_ema`` with ``config.ema_decay``) after the update.
   """
   loss_fn = losses.get_loss_fn(config.loss)
+  decay = ema_decay(config)
   k = config.accum_steps
   micro_sharding = parallel.micro_batch_sharding(mesh)
 
@@ -124,6 +188,10 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if isinstance(state, EmaTrainState):
+      if decay is None:
+        raise ValueError('the train state has EMA parameters but config.ema_decay is off.')
+      new_state = new_state.replace(ema_params=update_ema(state.ema_params, params, decay))
     # param_norm also catches updates that went non-finite while the loss was still finite.
     return new_state, {
       'loss': loss,
@@ -165,26 +233,41 @@ def make_eval_step(
   return jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
 
 
+def _scores(totals: Mapping[str, Any], num_classes: int, suffix: str = '') -> dict[str, float]:
+  count = int(totals['count'])
+  result = {
+    f'test_accuracy{suffix}': int(totals['correct']) / count,
+    f'test_loss{suffix}': float(totals['loss']) / count,
+  }
+  if num_classes > 5:
+    result[f'test_top5_accuracy{suffix}'] = float(totals['correct_top5']) / count
+  return result
+
+
 def evaluate(
-  eval_step, params, batches: Iterable[Mapping[str, jax.Array]], num_classes: int, what: str
+  eval_step,
+  params,
+  batches: Iterable[Mapping[str, jax.Array]],
+  num_classes: int,
+  what: str,
+  ema_params: Any = None,
 ) -> dict[str, float]:
   """Exact metrics over every batch of ``batches`` (padding rows masked out).
 
-  ``what`` names the split in the error raised when it is empty.
+  ``what`` names the split in the error raised when it is empty. With ``ema_params`` those are
+  evaluated on the same batches too: ``test_accuracy_ema``, ``test_loss_ema``, ...
   """
   totals = None
   for batch in batches:
-    sums = eval_step(params, batch)
+    sums = {'': eval_step(params, batch)}
+    if ema_params is not None:
+      sums['_ema'] = eval_step(ema_params, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError(f'{what} is empty.')
   totals = parallel.to_host(totals)
-  count = int(totals['count'])
-  result = {
-    'test_accuracy': int(totals['correct']) / count,
-    'test_loss': float(totals['loss']) / count,
-    'test_examples': count,
-  }
-  if num_classes > 5:
-    result['test_top5_accuracy'] = float(totals['correct_top5']) / count
+  result = {}
+  for suffix, sums in totals.items():
+    result.update(_scores(sums, num_classes, suffix))
+  result['test_examples'] = int(totals['']['count'])
   return result

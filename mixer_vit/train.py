@@ -94,6 +94,7 @@ class _Preemption:
 def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """What can be checked before the data is read or anything written."""
   steps.make_model(config, num_classes=1)  # The model name and keys.
+  steps.ema_decay(config)
   data.DataConfig.from_config(config)
   for key in ('pp_train', 'pp_test'):
     try:
@@ -168,14 +169,14 @@ def _check_pretrained(path: str):
 
 def _initial_state(config, model, model_config, tx, image_shape, key, mesh) -> steps.TrainState:
   """From scratch, or from ``config.pretrained`` (head replaced, position embeddings resized)."""
-  repl = parallel.replicated(mesh)
-  init = steps.make_init_fn(model, tx, image_shape)
+  repl, ema = parallel.replicated(mesh), steps.ema_decay(config) is not None
+  init = steps.make_init_fn(model, tx, image_shape, ema)
   if not config.pretrained:
     return jax.jit(init, out_shardings=repl)(key)
   init_params = parallel.to_host(jax.jit(lambda k: init(k).params)(key))
   params = models.load_pretrained(config.pretrained, init_params, model_config)
   logging.info('Initialised from %s.', config.pretrained)
-  return jax.jit(lambda p: steps.state_from_params(p, tx), out_shardings=repl)(
+  return jax.jit(lambda p: steps.state_from_params(p, tx, ema), out_shardings=repl)(
     parallel.replicate(params, mesh)
   )
 
@@ -235,6 +236,7 @@ def train_and_evaluate(
         jax.eval_shape(init, init_key), parallel.replicated(mesh)
       )
       state, restored = workdir_lib.restore_newest(workdir, config, abstract, move_aside=True)
+      state = steps.with_ema(state, steps.ema_decay(config) is not None)  # A forced change.
       if restored != start_step:  # The newest could not be restored: data from the older one.
         train_iter.close()
         start_step = restored
@@ -268,6 +270,7 @@ def train_and_evaluate(
         batches,
         info.num_classes,
         f'the test split {config.test_split!r} of {config.dataset!r}',
+        ema_params=steps.ema_params_of(state),
       )
       writer.write_scalars(step, values)
       metrics.log(metrics.console_line(step, total, values))
@@ -317,7 +320,9 @@ def train_and_evaluate(
           break
       manager.wait_until_finished()
       if primary and not result['stopped_early']:
-        workdir_lib.save_params(workdir, parallel.to_host(state.params))
+        workdir_lib.save_params(
+          workdir, *parallel.to_host((state.params, steps.ema_params_of(state)))
+        )
     # From the first step on: compilation, evaluations and checkpoints included, set-up not.
     result['train_seconds'] = time.perf_counter() - started
     logging.info(

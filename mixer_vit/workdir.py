@@ -4,11 +4,13 @@
     config.json            the resolved training config (of the latest launch)
     config_history.jsonl   one JSON object per launch: time, host, PID, step, changed keys
     dataset_info.json      class count and names, input image shape, split sizes
-    checkpoints/<step>/    Orbax train-state checkpoints (parameters, optimiser state, step)
+    checkpoints/<step>/    Orbax train-state checkpoints (parameters, optimiser state, step; the
+                           EMA parameters when config.ema_decay is set)
     checkpoints/<step>.corrupt/  a checkpoint that could not be restored, moved aside (kept)
     metrics.jsonl          one JSON object per write: {"step": S, ...}
     events.out.tfevents.*  TensorBoard
     params.npz             the final parameters, in the released checkpoints' layout
+    params_ema.npz         the final EMA parameters (config.ema_decay), in the same layout
     train.lock             held by the training run using the workdir: its host and PID (an
                            fcntl lock locally, a lease renewed every minute on gs:// and other URLs)
 
@@ -18,7 +20,8 @@ the Orbax checkpoints is read and written through ``mixer_vit.paths``; Orbax get
 Train-state checkpoints are written every ``checkpoint_every`` steps and at the end, the last
 ``keep_checkpoints`` kept, asynchronously while training goes on. Every process calls the
 checkpoint functions; Orbax coordinates who writes what. ``load_workdir`` rebuilds the model and
-its latest parameters from a workdir, which is what the command-line tools start from.
+its latest parameters (or, with ``ema=True``, their EMA) from a workdir, which is what the
+command-line tools start from.
 
 What a relaunch may rely on:
 - One writer: a training run holds ``train.lock`` (process i > 0 of a multi-process run
@@ -67,6 +70,7 @@ DATASET_INFO_FILE = 'dataset_info.json'
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
 PARAMS_FILE = 'params.npz'
+PARAMS_EMA_FILE = 'params_ema.npz'
 HISTORY_FILE = 'config_history.jsonl'
 LOCK_FILE = 'train.lock'
 CORRUPT_SUFFIX = '.corrupt'
@@ -162,11 +166,45 @@ def read_dataset_info(workdir: str) -> dict[str, Any]:
   return json.loads(paths.read_text(paths.join(workdir, DATASET_INFO_FILE)))
 
 
-def save_params(workdir: str, params: Any) -> str:
-  """Writes the final parameters to ``params.npz``; returns its path."""
+def save_params(workdir: str, params: Any, ema_params: Any = None) -> str:
+  """Writes the final parameters to ``params.npz`` and their EMA, if any, to ``params_ema.npz``
+  (one left by an earlier config of the run is removed when there is none); returns the path of
+  ``params.npz``."""
   path = paths.join(workdir, PARAMS_FILE)
   params_io.save_npz(params, path)
+  ema_path = paths.join(workdir, PARAMS_EMA_FILE)
+  if ema_params is not None:
+    params_io.save_npz(ema_params, ema_path)
+  elif paths.exists(ema_path):
+    paths.remove(ema_path)
+    logging.warning('Removed %s: this run has no EMA any more (config.ema_decay).', ema_path)
   return path
+
+
+def ema_npz_path(path: str) -> str:
+  """The EMA file belonging to a parameter file: ``params_ema.npz`` beside a workdir's
+  ``params.npz`` (or that file itself).
+
+  Raises:
+    FileNotFoundError: there is none (the run had no EMA, or has not finished); names the file.
+    ValueError: ``path`` is another file; then give the EMA file itself.
+  """
+  name = os.path.basename(path)
+  if name == PARAMS_EMA_FILE:
+    return path
+  if name != PARAMS_FILE:
+    raise ValueError(
+      f'--ema picks the EMA parameters of a training run: give its workdir, its {PARAMS_FILE} or '
+      f'{PARAMS_EMA_FILE}, not {path} (for another file of averaged parameters, pass that file '
+      'without --ema).'
+    )
+  ema_path = paths.join(paths.dirname(path), PARAMS_EMA_FILE)
+  if not paths.exists(ema_path):
+    raise FileNotFoundError(
+      f'{ema_path} not found: the run that wrote {path} kept no EMA of its parameters (train '
+      'with --config.ema_decay=D to have one), or it has not finished.'
+    )
+  return ema_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,7 +630,10 @@ def make_manager(
     # Left by a save that was cut short (kill -9); only the one writer (WorkdirLock) removes them.
     cleanup_tmp_directories=not read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # The handler named up front lets `has_ema` read a checkpoint's tree before any save / restore.
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
+  )
 
 
 def save_checkpoint(
@@ -602,14 +643,26 @@ def save_checkpoint(
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
+def has_ema(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether the checkpoint of ``step`` holds EMA parameters (``steps.EmaTrainState``)."""
+  metadata = manager.item_metadata(step)
+  tree = getattr(metadata, 'tree', metadata)
+  return isinstance(tree, dict) and 'ema_params' in tree
+
+
 def restore_checkpoint(
   manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
 ) -> Any:
   """The state saved at ``step`` (default: the latest), laid out like ``abstract_state``
-  (a tree of ``jax.ShapeDtypeStruct`` with shardings, e.g. from ``abstract_like``)."""
+  (a tree of ``jax.ShapeDtypeStruct`` with shardings, e.g. from ``abstract_like``).
+
+  The state comes back as it was saved, with or without EMA parameters whatever
+  ``abstract_state`` has (``steps.with_ema`` converts it); the EMA is laid out like the
+  parameters."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {manager.directory}.')
+  abstract_state = steps.with_ema(abstract_state, has_ema(manager, step))
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -746,17 +799,19 @@ class TrainedModel:
   config: ml_collections.ConfigDict  # The training config (data keys give the preprocessing).
   model_config: ml_collections.ConfigDict
   model: Any  # flax module: model.apply({'params': params}, images, train=False).
-  params: Any  # Host (numpy) arrays.
+  params: Any  # Host (numpy) arrays: the parameters, or their EMA (`ema`).
   class_names: list[str] | None
   image_shape: tuple[int, ...]  # (H, W, 3) the model was trained on.
   step: int
+  ema: bool = False  # `params` are the EMA parameters of the checkpoint.
 
 
-def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
+def load_workdir(workdir: str, step: int | None = None, ema: bool = False) -> TrainedModel:
   """The model, config and parameters of the latest (or the given) checkpoint in ``workdir``.
 
   Works while the training still runs (reads the newest finished checkpoint) and on any device
-  count; the parameters come back as numpy arrays.
+  count; the parameters come back as numpy arrays. With ``ema`` they are the checkpoint's EMA
+  parameters (``config.ema_decay``); a WorkdirError says so when it has none.
   """
   config = read_config(workdir)
   info = read_dataset_info(workdir)
@@ -783,12 +838,22 @@ def load_workdir(workdir: str, step: int | None = None) -> TrainedModel:
       ) from e
     finally:
       manager.close()
+  params = state.params
+  if ema:
+    params = steps.ema_params_of(state)
+    if params is None:
+      raise WorkdirError(
+        f'{workdir}/{CHECKPOINT_DIR}/{step} holds no EMA parameters: the run was trained '
+        'without config.ema_decay (train with --config.ema_decay=D to have them); leave out '
+        '--ema to use its parameters.'
+      )
   return TrainedModel(
     config=config,
     model_config=model_config,
     model=model,
-    params=jax.device_get(state.params),
+    params=jax.device_get(params),
     class_names=info['class_names'],
     image_shape=image_shape,
     step=step,
+    ema=ema,
   )

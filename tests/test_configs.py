@@ -1,5 +1,6 @@
 """Every config file loads for the arguments its docstring documents, with the keys scripts need."""
 
+import math
 import pathlib
 import re
 
@@ -9,6 +10,7 @@ from ml_collections import config_flags
 import pytest
 
 from mixer_vit import config_utils
+from mixer_vit import data
 from mixer_vit import models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -60,6 +62,7 @@ def _documented_args():
 
 
 DOCUMENTED = _documented_args()
+AUGREG_LEVELS = ('none', 'light1', 'light2', 'medium1', 'medium2', 'strong1', 'strong2')
 
 
 def test_every_config_file_documents_a_command():
@@ -77,6 +80,12 @@ def test_every_config_file_documents_a_command():
     ('finetune', 'ViT-B_16,imagenet2012'),
     ('digits', 'vit'),
     ('digits', None),
+    ('augreg', None),
+  ]
+  + [
+    ('augreg', f'{model},{level},{dataset}')
+    for level in AUGREG_LEVELS
+    for model, dataset in (('ViT-S_16', 'imagenet2012'), ('R26+ViT-S_32', 'imagenet21k'))
   ],
 )
 def test_config_loads_with_required_keys_and_valid_model(file, arg):
@@ -116,6 +125,53 @@ def test_recipes_follow_their_sources():
   assert '384' in ft.pp_train and '384' in ft.pp_test
   assert _load('finetune').get_config('ViT-B_16,imagenet2012').total_steps == 20_000
   assert _load('digits').get_config('mixer').model_name == 'testing-mixer'
+
+
+def test_augreg_levels_follow_big_vision():
+  """big_vision's vit_i1k.py / vit_i21k.py (the paper's code): RandAugment (2, m), mixup alpha."""
+  expected = {
+    'none': (None, 0.0),
+    'light1': (0, 0.0),
+    'light2': (10, 0.2),
+    'medium1': (15, 0.2),
+    'medium2': (15, 0.5),
+    'strong1': (20, 0.5),
+    'strong2': (20, 0.8),
+  }
+  assert set(expected) == set(AUGREG_LEVELS)
+  for level, (magnitude, alpha) in expected.items():
+    c = _load('augreg').get_config(f'ViT-B_16,{level}')
+    ops = data.preprocess.parse(c.pp_train)
+    data.preprocess.get_preprocess_fn(c.pp_train, num_classes=1000)  # Known ops, valid args.
+    names = [name for name, _, _ in ops]
+    assert names[:2] == ['decode_jpeg_and_inception_crop', 'flip_lr']
+    assert names[-2:] == ['value_range', 'onehot']
+    randaug = [(args, kwargs) for name, args, kwargs in ops if name == 'randaug']
+    assert randaug == ([] if magnitude is None else [((2, magnitude), {})])
+    if magnitude is not None:
+      assert names.index('randaug') < names.index('value_range')  # On uint8 images.
+    mix = data.DataConfig.from_config(c).mixup
+    assert (mix.p, mix.alpha) == (1.0, alpha) if alpha else mix is None
+  c = _load('augreg').get_config('ViT-B_16,medium1,imagenet2012')
+  assert (c.lr, c.batch_size, c.warmup_steps, c.schedule, c.grad_clip_norm) == (
+    1e-3,
+    4096,
+    10_000,
+    'cosine',
+    1.0,
+  )
+  assert c.weight_decay == pytest.approx(1e-4) and c.total_steps == 92_898
+  assert (c.model.dropout_rate, c.model.stochastic_depth, c.loss) == (0.0, 0.0, 'softmax_xent')
+  c = _load('augreg').get_config('ViT-B_16,light2,imagenet21k,wd=0.03,do=0.1,sd=0.1,epochs=30')
+  assert c.weight_decay == pytest.approx(3e-5)
+  assert (c.model.dropout_rate, c.model.stochastic_depth) == (0.1, 0.1)
+  assert (c.dataset, c.loss, c.model.head_bias_init) == ('imagenet21k', 'sigmoid_xent', -10.0)
+  assert 'representation_size' not in c.model
+  assert c.total_steps == math.ceil((14_197_122 - 51_200) * 30 / 4096)
+  with pytest.raises(ValueError, match='unknown AUG'):
+    _load('augreg').get_config('ViT-B_16,medium3')
+  with pytest.raises(ValueError, match='no ViT'):
+    _load('augreg').get_config('Mixer-B_16,medium1')
 
 
 def test_bad_config_args_fail_clearly():

@@ -18,6 +18,7 @@ TOOLS = (
   'mixer_vit.benchmark',
   'mixer_vit.checkpoints',
   'mixer_vit.export',
+  'mixer_vit.plot',
 )
 # Modules that may only import what is listed beside them (within mixer_vit).
 LOWER_LAYERS = {
@@ -139,7 +140,7 @@ def test_the_training_loop_stays_a_loop():
 
 
 def test_workdir_file_names_are_defined_once():
-  names = ('config.json', 'dataset_info.json', 'metrics.jsonl', 'params.npz')
+  names = ('config.json', 'dataset_info.json', 'metrics.jsonl', 'params.npz', 'params_ema.npz')
   for path in PACKAGE.rglob('*.py'):
     if path.name == 'workdir.py' or path.parent.name == 'data':  # tfds has a dataset_info.json.
       continue
