@@ -116,7 +116,7 @@ def test_files_on_ram_are_written_read_appended_and_moved():
 def test_orbax_gets_the_url_unchanged(monkeypatch):
   seen = []
   monkeypatch.setattr(
-    workdir_lib.ocp, 'CheckpointManager', lambda directory, options: seen.append(directory)
+    workdir_lib.ocp, 'CheckpointManager', lambda directory, **kwargs: seen.append(directory)
   )
   workdir_lib.make_manager('gs://bucket/runs/a', read_only=True)
   assert seen == ['gs://bucket/runs/a/checkpoints']
