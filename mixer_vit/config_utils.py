@@ -91,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
   # layer_decay ** (L - i), the embedding / stem layer_decay ** (L + 1), head and final norm 1.
   c.layer_decay = 1.0
 
+  # The device mesh (mixer_vit.parallel): (data, fsdp) over every device. The parameters and
+  # optimiser state are sharded over `fsdp` devices (FSDP; 1: replicated, pure data parallel),
+  # the batch over all. `rules`: ((regex, spec), ...) overriding the layout of the leaves whose
+  # '/'-joined path ends with a match, e.g. (('.*/embedding/kernel', (None, None, None, 'fsdp')),)
+  # or (('head/kernel', ()),) for replicated. May change when a run resumes.
+  c.mesh = ml_collections.ConfigDict({'fsdp': 1, 'rules': ()})
+
   # Bookkeeping (in steps).
   c.log_every = 50
   c.eval_every = 1000
