@@ -110,7 +110,7 @@ def test_the_train_state_is_sharded_over_the_fsdp_axis(runs, fsdp):
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
     if parallel.path_name(path).endswith('/'.join(MLP) + '/kernel')
   ]
-  assert len(moments) == 2  # Adam's mu and nu, laid out like the kernel.
+  assert len(moments) == 1  # SGD's momentum, laid out like the kernel.
   if fsdp == 1:
     for x in (kernel, bias, query, *moments):  # Whole on every device (rules or not).
       assert x.sharding.is_fully_replicated and x.addressable_shards[0].data.shape == x.shape
