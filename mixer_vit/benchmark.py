@@ -370,6 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     '--fsdp', type=int, default=1, help='shard the train state over this many devices'
   )
   parser.add_argument(
+    '--scan',
+    action='store_true',
+    help='one nn.scan over the layers (model.scan; XLA then counts the FLOPs of one layer)',
+  )
+  parser.add_argument(
     '--memory',
     action='store_true',
     help="with --train: compile only and print XLA's per-device memory of the step",
@@ -377,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--json', action='store_true', help='print the result as JSON')
   args = parser.parse_args(argv)
   overrides = {'remat': True, 'remat_policy': args.remat} if args.remat else {}
+  if args.scan:
+    overrides['scan'] = True
   try:
     resolution = sizes.parse(args.resolution)
     if args.memory:
