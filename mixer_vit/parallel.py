@@ -192,7 +192,12 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ()
   for rule in rules:
     if len(rule) != 2:
       raise ValueError(f'config.mesh.rules: {rule!r} is not a (regex, spec) pair.')
-    compiled.append((re.compile(rf'(?:^|.*/)(?:{rule[0]})'), rule[0], rule[1]))
+    try:
+      compiled.append((re.compile(rf'(?:^|.*/)(?:{rule[0]})'), rule[0], rule[1]))
+    except re.error as e:
+      raise ValueError(
+        f'config.mesh.rules: {rule[0]!r} is not a regular expression ({e}).'
+      ) from None
 
   def sharding(path, leaf):
     name, shape = path_name(path), tuple(np.shape(leaf))

@@ -203,6 +203,8 @@ def test_layout_rules_override_by_name_and_fail_clearly():
     parallel.state_shardings(tree, mesh, [('head/kernel', (None, 'model'))])
   with pytest.raises(ValueError, match='config.mesh.rules.*not divisible'):
     parallel.state_shardings({'k': jnp.zeros((6, 1024))}, mesh, [('k', ('fsdp', None))])
+  with pytest.raises(ValueError, match='config.mesh.rules.*regular expression'):
+    parallel.state_shardings(tree, mesh, [('head/(kernel', ())])
   with pytest.raises(ValueError, match='config.mesh.fsdp=3'):
     parallel.make_mesh(fsdp=3)
 
