@@ -7,7 +7,7 @@ r"""Throughput benchmark: compile time, images/s, and achieved FLOP/s against a 
 ``--memory`` only compiles the training step (on abstract inputs: nothing allocated, nothing run)
 and prints XLA's per-device bytes for it (``mixer_vit.memory``); ``--fsdp=N`` shards the state
 over N devices of the mesh (``config.mesh.fsdp``), ``--remat[=POLICY]`` rematerialises the blocks
-(``model.remat``, ``model.remat_policy``).
+(``model.remat``, ``model.remat_policy``), ``--scan`` builds the layers as one ``nn.scan``.
 
 What is measured, in one process:
 - compile time: ``jit(step).lower(...).compile()`` wall time;
