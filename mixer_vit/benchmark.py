@@ -1,7 +1,13 @@
 r"""Throughput benchmark: compile time, images/s, and achieved FLOP/s against a measured peak.
 
   python -m mixer_vit.benchmark --model=ViT-B_16 [--batch=32] [--train] [--dtype=bfloat16] \
-      [--resolution=224] [--runs=10] [--warmup=2] [--json]
+      [--resolution=224] [--runs=10] [--warmup=2] [--fsdp=1] [--remat[=POLICY]] [--json]
+  python -m mixer_vit.benchmark --model=ViT-g_14 --train --memory --fsdp=8 --remat --batch=8
+
+``--memory`` only compiles the training step (on abstract inputs: nothing allocated, nothing run)
+and prints XLA's per-device bytes for it (``mixer_vit.memory``); ``--fsdp=N`` shards the state
+over N devices of the mesh (``config.mesh.fsdp``), ``--remat[=POLICY]`` rematerialises the blocks
+(``model.remat``, ``model.remat_policy``), ``--scan`` builds the layers as one ``nn.scan``.
 
 What is measured, in one process:
 - compile time: ``jit(step).lower(...).compile()`` wall time;
@@ -32,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_vit import config_utils
+from mixer_vit import memory
+from mixer_vit import models
 from mixer_vit import optim
 from mixer_vit import parallel
 from mixer_vit import sizes
@@ -196,13 +204,14 @@ def _random_batch(rng: np.random.Generator, batch: int, hw: tuple[int, int], num
   return {'image': images, 'labels': labels}
 
 
-def _train_config(model: str, batch: int, dtype: str, overrides: dict[str, Any]):
+def _train_config(model: str, batch: int, dtype: str, overrides: dict[str, Any], fsdp: int = 1):
   config = config_utils.base_config()
   config.model_name = model
   config.batch_size = batch
   config.dtype = dtype
   config.total_steps = 10_000
   config.warmup_steps = 100
+  config.mesh.fsdp = fsdp
   with config.unlocked():
     config.model = dict(overrides)
   return config
@@ -221,6 +230,7 @@ def benchmark(
   matmul_runs: int = 5,
   overrides: dict[str, Any] | None = None,
   mesh: Any = None,
+  fsdp: int = 1,
 ) -> BenchmarkResult:
   """Compiles and times one step of ``model`` on random data; see the module docstring.
 
@@ -229,10 +239,10 @@ def benchmark(
   """
   # Unrolled layers: XLA's cost analysis counts a scanned loop body only once.
   overrides = {'scan': False, **(overrides or {})}
-  config = _train_config(model, batch, dtype, overrides)
+  config = _train_config(model, batch, dtype, overrides, fsdp)
   model_config, module = steps.make_model(config, num_classes)
   hw = tuple(resolution or model_config.image_size)
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or parallel.mesh_from_config(config)
   if batch % mesh.size:
     raise ValueError(f'--batch={batch} must be a multiple of the {mesh.size} devices')
   rng = np.random.default_rng(0)
@@ -249,8 +259,10 @@ def benchmark(
   if train:
     schedule = optim.make_schedule(config)
     tx = optim.make_optimizer(config, schedule)
-    state = jax.jit(lambda p: steps.state_from_params(p, tx), out_shardings=repl)(params)
-    step = steps.make_train_step(module, tx, schedule, config, mesh)
+    make_state = lambda p: steps.state_from_params(p, tx)  # noqa: E731
+    sharding = parallel.state_shardings(jax.eval_shape(make_state, params), mesh)
+    state = jax.jit(make_state, out_shardings=sharding)(params)
+    step = steps.make_train_step(module, tx, schedule, config, mesh, sharding)
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays, key).compile()
@@ -316,6 +328,15 @@ def benchmark(
   )
 
 
+def _memory(args, resolution, overrides) -> memory.MemoryReport:
+  config = _train_config(
+    args.model, args.batch, args.dtype, {'scan': False, **overrides}, args.fsdp
+  )
+  model_config = steps.make_model(config, args.num_classes)[0]
+  hw = tuple(resolution or model_config.image_size)
+  return memory.train_step_memory(config, args.num_classes, (*hw, 3))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog='python -m mixer_vit.benchmark',
@@ -337,11 +358,40 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     '--matmul_size', type=int, default=None, help='side of the square matmul that measures the peak'
   )
-  parser.add_argument('--remat', action='store_true', help='rematerialise blocks (less memory)')
+  parser.add_argument(
+    '--remat',
+    nargs='?',
+    const='nothing',
+    choices=tuple(models.REMAT_POLICIES),
+    help='rematerialise the blocks (less memory); optionally what to keep: '
+    f'{", ".join(models.REMAT_POLICIES)} (default nothing)',
+  )
+  parser.add_argument(
+    '--fsdp', type=int, default=1, help='shard the train state over this many devices'
+  )
+  parser.add_argument(
+    '--scan',
+    action='store_true',
+    help='one nn.scan over the layers (model.scan; XLA then counts the FLOPs of one layer)',
+  )
+  parser.add_argument(
+    '--memory',
+    action='store_true',
+    help="with --train: compile only and print XLA's per-device memory of the step",
+  )
   parser.add_argument('--json', action='store_true', help='print the result as JSON')
   args = parser.parse_args(argv)
+  overrides = {'remat': True, 'remat_policy': args.remat} if args.remat else {}
+  if args.scan:
+    overrides['scan'] = True
   try:
     resolution = sizes.parse(args.resolution)
+    if args.memory:
+      if not args.train:
+        raise ValueError('--memory reports the training step: add --train.')
+      report = _memory(args, resolution, overrides)
+      print(json.dumps(report.as_dict()) if args.json else report.summary())
+      return 0
     result = benchmark(
       args.model,
       args.batch,
@@ -352,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.runs,
       args.warmup,
       args.matmul_size,
-      overrides={'remat': True} if args.remat else None,
+      overrides=overrides,
+      fsdp=args.fsdp,
     )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -97,6 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
   # allow_config_change (turned on, the EMA starts from the resumed parameters).
   c.ema_decay = 0.0
 
+  # The device mesh (mixer_vit.parallel): (data, fsdp) over every device. The parameters and
+  # optimiser state are sharded over `fsdp` devices (FSDP; 1: replicated, pure data parallel),
+  # the batch over all. `rules`: ((regex, spec), ...) overriding the layout of the leaves whose
+  # '/'-joined path ends with a match, e.g. (('.*/embedding/kernel', (None, None, None, 'fsdp')),)
+  # or (('head/kernel', ()),) for replicated. May change when a run resumes.
+  c.mesh = ml_collections.ConfigDict({'fsdp': 1, 'rules': ()})
+
   # Bookkeeping (in steps).
   c.log_every = 50
   c.eval_every = 1000

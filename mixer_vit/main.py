@@ -7,7 +7,8 @@ r"""Trains or fine-tunes a ViT or Mixer: the command-line entry point.
 Any config value can be overridden with ``--config.KEY=VALUE``; an unknown key is an error.
 Running the same command again resumes from the workdir's latest checkpoint; a config that changes
 what is trained is refused then (``--config.allow_config_change=True`` accepts it, recorded in the
-workdir's config_history.jsonl), and so is a second run on a workdir in use. SIGTERM saves a
+workdir's config_history.jsonl), and so is a second run on a workdir in use. ``--dry_run`` compiles
+the train step for the config's mesh, prints its per-device memory and exits (``mixer_vit.memory``). SIGTERM saves a
 checkpoint and exits with status 0; errors are one ``error: ...`` message with status 1.
 
 Speed: on Linux the process re-executes itself once with tcmalloc preloaded
@@ -38,6 +39,13 @@ _WORKDIR = flags.DEFINE_string(
   'workdir',
   None,
   'Directory for checkpoints, metrics and the final params.npz; an existing one is resumed.',
+)
+_DRY_RUN = flags.DEFINE_bool(
+  'dry_run',
+  False,
+  "Compile the config's train step on this machine's devices (config.mesh), print XLA's "
+  'per-device memory (parameters + optimiser state, temporaries, total) and exit; nothing is '
+  'written to the workdir.',
 )
 _MULTIHOST = flags.DEFINE_bool(
   'multihost',
@@ -109,6 +117,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}; values go in --config.KEY=VALUE.')
   # Imported here, after the tcmalloc restart: JAX and TensorFlow take seconds to import.
+  from mixer_vit import memory  # noqa: PLC0415
   from mixer_vit import parallel  # noqa: PLC0415
   from mixer_vit import train  # noqa: PLC0415
   from mixer_vit import workdir as workdir_lib  # noqa: PLC0415
@@ -122,6 +131,11 @@ def main(argv):
     train.catch_sigterm()
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())
   try:
+    if _DRY_RUN.value:
+      report = memory.dry_run(_CONFIG.value)
+      if jax.process_index() == 0:
+        print(report.summary())
+      _exit(0, distributed)
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (workdir_lib.WorkdirError, train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
     logging.debug('%s', traceback.format_exc())  # With --verbosity=1.

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from mixer_vit import metrics
+from mixer_vit import paths
 from mixer_vit import workdir as workdir_lib
 
 # (panel title, y label, [(metric, line style, legend suffix)]).
@@ -35,8 +36,8 @@ PANELS = (
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The rows of ``workdir``'s ``metrics.jsonl``; FileNotFoundError names the path."""
-  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, workdir_lib.METRICS_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(
       f'{path} not found: --workdir must be a training workdir that has logged metrics '
       '(python -m mixer_vit.main --workdir=...).'

@@ -3,7 +3,8 @@
 ``make_model`` turns a training config into the flax module; ``make_init_fn`` builds the
 ``TrainState`` (step, parameters, optimiser state); ``make_train_step`` and ``make_eval_step`` are
 the jitted functions the trainer, the evaluation command and the benchmark all run, with explicit
-shardings from ``mixer_vit.parallel`` (batch split over the ``data`` axis, state replicated).
+shardings from ``mixer_vit.parallel`` (batch split over every device; the state replicated, or
+sharded over the mesh's ``fsdp`` axis when ``state_sharding`` says so).
 
 EMA (``config.ema_decay`` = d in (0, 1); 0 / None: off, the default). The state is then an
 ``EmaTrainState``: a ``TrainState`` plus ``ema_params``, a float32 tree like ``params``, set to
@@ -144,10 +145,14 @@ def make_train_step(
   schedule: optax.Schedule,
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
+  state_sharding: Any = None,
 ) -> Callable[
   [TrainState, Mapping[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]
 ]:
   """A jitted ``(state, batch, rng) -> (state, metrics)``; ``state`` is donated.
+
+  ``state_sharding``: a ``TrainState`` of shardings (``parallel.state_shardings``) the state
+  comes in and goes out with, the gradients laid out like the parameters; default: replicated.
 
   Dropout keys are ``fold_in(rng, step)`` (and the micro-batch index), so they depend only on the
   step, not on the devices. With ``accum_steps = k`` the batch is cut into k micro-batches whose
@@ -158,13 +163,20 @@ def make_train_step(
   decay = ema_decay(config)
   k = config.accum_steps
   micro_sharding = parallel.micro_batch_sharding(mesh)
+  repl = parallel.replicated(mesh)
+  if state_sharding is None:
+    state_sharding = repl
+  grad_sharding = state_sharding if state_sharding is repl else state_sharding.params
+  # Gradients (and their accumulator) lie like the parameters: reduce-scattered under FSDP.
+  constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_sharding)  # noqa: E731
 
   def loss_and_grads(params, images, labels, key):
     def mean_loss(p):
       logits = model.apply({'params': p}, images, train=True, rngs={'dropout': key})
       return jnp.mean(loss_fn(logits, labels))
 
-    return jax.value_and_grad(mean_loss)(params)
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    return loss, constrain(grads)
 
   def train_step(state, batch, rng):
     key = jax.random.fold_in(rng, state.step)
@@ -182,7 +194,7 @@ def make_train_step(
         loss, grads = loss_and_grads(state.params, mb['image'], mb['labels'], key_j)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      zeros = (jnp.zeros((), jnp.float32), constrain(jax.tree.map(jnp.zeros_like, state.params)))
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
       loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -200,19 +212,19 @@ def make_train_step(
       'lr': schedule(state.step),
     }
 
-  repl = parallel.replicated(mesh)
   return jax.jit(
     train_step,
-    in_shardings=(repl, parallel.batch_sharding(mesh), repl),
-    out_shardings=(repl, repl),
+    in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl),
+    out_shardings=(state_sharding, repl),
     donate_argnums=(0,),
   )
 
 
 def make_eval_step(
-  model, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+  model, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params_sharding: Any = None
 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
-  """A jitted ``(params, batch) -> sums`` over the rows whose ``mask`` is True."""
+  """A jitted ``(params, batch) -> sums`` over the rows whose ``mask`` is True; the parameters
+  laid out as ``params_sharding`` (default: replicated)."""
   loss_fn = losses.get_loss_fn(config.loss)
 
   def eval_step(params, batch):
@@ -230,7 +242,11 @@ def make_eval_step(
     }
 
   repl = parallel.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(repl, parallel.batch_sharding(mesh)), out_shardings=repl)
+  return jax.jit(
+    eval_step,
+    in_shardings=(params_sharding or repl, parallel.batch_sharding(mesh)),
+    out_shardings=repl,
+  )
 
 
 def _scores(totals: Mapping[str, Any], num_classes: int, suffix: str = '') -> dict[str, float]:

@@ -95,6 +95,7 @@ def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """What can be checked before the data is read or anything written."""
   steps.make_model(config, num_classes=1)  # The model name and keys.
   steps.ema_decay(config)
+  parallel.check_mesh(config, mesh)
   data.DataConfig.from_config(config)
   for key in ('pp_train', 'pp_test'):
     try:
@@ -167,17 +168,16 @@ def _check_pretrained(path: str):
     )
 
 
-def _initial_state(config, model, model_config, tx, image_shape, key, mesh) -> steps.TrainState:
+def _initial_state(config, model_config, tx, init, key, sharding) -> steps.TrainState:
   """From scratch, or from ``config.pretrained`` (head replaced, position embeddings resized)."""
-  repl, ema = parallel.replicated(mesh), steps.ema_decay(config) is not None
-  init = steps.make_init_fn(model, tx, image_shape, ema)
+  ema = steps.ema_decay(config) is not None
   if not config.pretrained:
-    return jax.jit(init, out_shardings=repl)(key)
+    return jax.jit(init, out_shardings=sharding)(key)
   init_params = parallel.to_host(jax.jit(lambda k: init(k).params)(key))
   params = models.load_pretrained(config.pretrained, init_params, model_config)
   logging.info('Initialised from %s.', config.pretrained)
-  return jax.jit(lambda p: steps.state_from_params(p, tx, ema), out_shardings=repl)(
-    parallel.replicate(params, mesh)
+  return jax.jit(lambda p: steps.state_from_params(p, tx, ema), out_shardings=sharding)(
+    jax.device_put(params, sharding.params)
   )
 
 
@@ -208,7 +208,7 @@ def train_and_evaluate(
     workdir.WorkdirBusyError: another run trains in the workdir (nothing written).
     workdir.CheckpointRestoreError: no checkpoint of the workdir can be restored.
   """
-  mesh = mesh or parallel.make_mesh()
+  mesh = mesh or parallel.mesh_from_config(config)
   _check_config(config, mesh)
   primary = jax.process_index() == 0
   total = config.total_steps
@@ -230,11 +230,11 @@ def train_and_evaluate(
     image_shape = tuple(batch['image'].shape[1:])
     model_config, model = steps.make_model(config, info.num_classes, image_shape[:2])
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    init = steps.make_init_fn(model, tx, image_shape, steps.ema_decay(config) is not None)
+    abstract = jax.eval_shape(init, init_key)  # The state's shardings: this run's mesh.
+    sharding = parallel.state_shardings(abstract, mesh, parallel.mesh_settings(config)[1])
     if start_step:
-      init = steps.make_init_fn(model, tx, image_shape)
-      abstract = workdir_lib.abstract_like(
-        jax.eval_shape(init, init_key), parallel.replicated(mesh)
-      )
+      abstract = workdir_lib.abstract_like(abstract, sharding)
       state, restored = workdir_lib.restore_newest(workdir, config, abstract, move_aside=True)
       state = steps.with_ema(state, steps.ema_decay(config) is not None)  # A forced change.
       if restored != start_step:  # The newest could not be restored: data from the older one.
@@ -244,7 +244,7 @@ def train_and_evaluate(
         batch = next(train_iter)
       logging.info('Resumed from the checkpoint of step %d in %s.', start_step, workdir)
     else:
-      state = _initial_state(config, model, model_config, tx, image_shape, init_key, mesh)
+      state = _initial_state(config, model_config, tx, init, init_key, sharding)
     manager = workdir_lib.make_manager(workdir, config)
     if primary:
       metrics.discard_after(workdir, start_step, evaluations_at_step=start_step >= total)
@@ -252,8 +252,8 @@ def train_and_evaluate(
       workdir_lib.write_run_files(workdir, config, info, image_shape)
     writer = metrics.make_writer(workdir, primary)
     dropout_key = parallel.replicate(dropout_key, mesh)
-    train_step = steps.make_train_step(model, tx, schedule, config, mesh)
-    eval_step = steps.make_eval_step(model, config, mesh)
+    train_step = steps.make_train_step(model, tx, schedule, config, mesh, sharding)
+    eval_step = steps.make_eval_step(model, config, mesh, sharding.params)
     fewshot_eval = fewshot.make_evaluator(config, model, mesh)  # None: config.fewshot_every = 0.
 
     throughput = metrics.Throughput(config.batch_size, total, start_step)
@@ -319,10 +319,10 @@ def train_and_evaluate(
           result['stopped_early'] = True
           break
       manager.wait_until_finished()
-      if primary and not result['stopped_early']:
-        workdir_lib.save_params(
-          workdir, *parallel.to_host((state.params, steps.ema_params_of(state)))
-        )
+      if not result['stopped_early']:  # On every process: gathers sharded arrays.
+        params = parallel.to_host((state.params, steps.ema_params_of(state)))
+        if primary:
+          workdir_lib.save_params(workdir, *params)
     # From the first step on: compilation, evaluations and checkpoints included, set-up not.
     result['train_seconds'] = time.perf_counter() - started
     logging.info(

@@ -98,7 +98,9 @@ RESUMABLE_KEYS = frozenset(
     'fewshot_every',
   }
 )
-RESUMABLE_PREFIXES = ('fewshot.',)  # Evaluation-only groups of keys.
+# Evaluation-only groups of keys; and the device mesh (how the state lies, not what it is: a run
+# resumes onto another mesh, the checkpoint restored with the new run's shardings).
+RESUMABLE_PREFIXES = ('fewshot.', 'mesh.')
 
 
 class WorkdirError(ValueError):
@@ -666,9 +668,14 @@ def restore_checkpoint(
   return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  """Shapes and dtypes of ``tree`` placed with ``sharding``: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree: Any, sharding: Any) -> Any:
+  """Shapes and dtypes of ``tree`` placed with ``sharding`` (one for every leaf, or a tree of
+  them like ``tree``, e.g. ``parallel.state_shardings``): the restore target."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
+  )
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -13,6 +13,7 @@ token grid, intermediates), `loading.py` (`load_pretrained`, `load_params`), `au
 AugReg release's file names).
 """
 
+from mixer_vit.models.common import REMAT_POLICIES
 from mixer_vit.models.common import apply_with_intermediates
 from mixer_vit.models.common import pixels_per_token
 from mixer_vit.models.common import token_grid
@@ -30,6 +31,7 @@ from mixer_vit.models.registry import validate_config
 from mixer_vit.models.vit import VisionTransformer
 
 __all__ = [
+  'REMAT_POLICIES',
   'MlpMixer',
   'VisionTransformer',
   'apply_with_intermediates',

@@ -30,6 +30,15 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 INTERMEDIATES = 'intermediates'
+# What a rematerialised block keeps for the backward pass (model.remat_policy, with remat=True);
+# the rest is recomputed. 'nothing': only the block's input (the whole block recomputed);
+# 'dots': every matrix-multiply output; 'dots_no_batch': the outputs of matrix multiplies without
+# batch dimensions (the dense layers' kernels, not the attention scores and mixing).
+REMAT_POLICIES = {
+  'nothing': jax.checkpoint_policies.nothing_saveable,
+  'dots': jax.checkpoint_policies.dots_saveable,
+  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 # What the models sow as the head's input, returned as 'pre_logits' by apply_with_intermediates
 # (the name 'pre_logits' itself belongs to the ViT's representation layer).
 HEAD_INPUT = 'head_input'
@@ -151,6 +160,7 @@ def layer_stack(
   scan: bool,
   remat: bool,
   stochastic_depth: float,
+  remat_policy: str = 'nothing',
   **block_kwargs: Any,
 ) -> jax.Array:
   """Applies `num_layers` blocks to `x`; call inside a compact method.
@@ -159,7 +169,12 @@ def layer_stack(
   under `scan` they come out stacked on a leading layer axis.
   """
   rates = drop_path_rates(stochastic_depth, num_layers)
-  cls = nn.remat(block_cls, prevent_cse=not scan) if remat else block_cls
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(
+      f'Unknown remat_policy {remat_policy!r}; choose one of {", ".join(REMAT_POLICIES)}.'
+    )
+  policy = REMAT_POLICIES[remat_policy]
+  cls = nn.remat(block_cls, prevent_cse=not scan, policy=policy) if remat else block_cls
   if scan:
     stack = nn.scan(
       cls,

@@ -85,6 +85,7 @@ class MlpMixer(nn.Module):
   dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   remat: bool = False
+  remat_policy: str = 'nothing'
   scan: bool = False
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
@@ -117,6 +118,7 @@ class MlpMixer(nn.Module):
       name='MixerBlock',
       scan=self.scan,
       remat=self.remat,
+      remat_policy=self.remat_policy,
       stochastic_depth=self.stochastic_depth,
       tokens_mlp_dim=self.tokens_mlp_dim,
       channels_mlp_dim=self.channels_mlp_dim,

@@ -55,6 +55,7 @@ def _options(c: ml_collections.ConfigDict, dropout: float) -> None:
   c.dtype = 'float32'
   c.param_dtype = 'float32'
   c.remat = False
+  c.remat_policy = 'nothing'  # What remat keeps (common.REMAT_POLICIES).
   c.scan = False
 
 
@@ -109,6 +110,7 @@ _VIT_SIZES = {
   'B': (768, 3072, 12, 12),
   'L': (1024, 4096, 16, 24),
   'H': (1280, 5120, 16, 32),
+  'g': (1408, 6144, 16, 40),  # "Scaling Vision Transformers" (Zhai et al. 2021), Table 2.
 }
 # Default dropout of the original configs (used when fine-tuning).
 _VIT_MODELS = {
@@ -118,6 +120,7 @@ _VIT_MODELS = {
   'ViT-B_16': ('B', 16, 0.0),
   'ViT-L_16': ('L', 16, 0.1),
   'ViT-H_14': ('H', 14, 0.1),
+  'ViT-g_14': ('g', 14, 0.0),  # No released checkpoint: for training (and memory) only.
   'ViT-B_8': ('B', 8, 0.0),
   'ViT-S_32': ('S', 32, 0.0),
   'ViT-B_32': ('B', 32, 0.0),
@@ -338,6 +341,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
     if config.attention_impl not in vit.ATTENTION_IMPLS:
       raise ValueError(f'attention_impl must be one of {vit.ATTENTION_IMPLS}.')
+  if config.remat_policy not in common.REMAT_POLICIES:
+    raise ValueError(
+      f'remat_policy must be one of {", ".join(common.REMAT_POLICIES)}, got '
+      f'{config.remat_policy!r}.'
+    )
+  if config.remat_policy != 'nothing' and not config.remat:
+    raise ValueError(
+      f'remat_policy={config.remat_policy!r} needs remat=True (it says what remat keeps).'
+    )
   for key in ('dropout_rate', 'stochastic_depth'):
     if not 0.0 <= config[key] < 1.0:
       raise ValueError(f'{key} must be in [0, 1), got {config[key]}.')

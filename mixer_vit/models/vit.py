@@ -200,6 +200,7 @@ class Encoder(nn.Module):
   stochastic_depth: float = 0.0
   attention_impl: str = 'auto'
   remat: bool = False
+  remat_policy: str = 'nothing'
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -216,6 +217,7 @@ class Encoder(nn.Module):
       name='encoderblock',
       scan=self.scan,
       remat=self.remat,
+      remat_policy=self.remat_policy,
       stochastic_depth=self.stochastic_depth,
       mlp_dim=self.mlp_dim,
       num_heads=self.num_heads,
@@ -302,6 +304,7 @@ class VisionTransformer(nn.Module):
   stochastic_depth: float = 0.0
   attention_impl: str = 'auto'
   remat: bool = False
+  remat_policy: str = 'nothing'
   scan: bool = False
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
@@ -361,6 +364,7 @@ class VisionTransformer(nn.Module):
       stochastic_depth=self.stochastic_depth,
       attention_impl=self.attention_impl,
       remat=self.remat,
+      remat_policy=self.remat_policy,
       scan=self.scan,
       dtype=dtype,
       param_dtype=param_dtype,
