@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_vit import models
+from mixer_vit import optim
+from mixer_vit import parallel
 from mixer_vit import params_io
 
 
@@ -26,3 +28,15 @@ def assert_trees_equal(a, b):
   for k in fa:
     assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def tiny_vit_training(config):
+  """``(model_config, model, schedule, tx, mesh)``: a 1-layer, width-8 ViT on 8x8 images with 3
+  classes and ``config``'s optimiser, on one device (no compile)."""
+  model_config = models.get_model_config(
+    'testing', num_classes=3, image_size=(8, 8), hidden_size=8, **{'transformer.num_layers': 1}
+  )
+  schedule = optim.make_schedule(config)
+  tx = optim.make_optimizer(config, schedule)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  return model_config, models.build_model(model_config), schedule, tx, mesh

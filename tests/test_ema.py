@@ -17,13 +17,13 @@ from mixer_vit import config_utils
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import metrics
-from mixer_vit import models
-from mixer_vit import optim
 from mixer_vit import parallel
 from mixer_vit import params_io
 from mixer_vit import steps
 from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+
+import param_trees
 
 DECAY = 0.8
 FROZEN = '(embedding|cls|Transformer/posembed_input)(/.*)?'
@@ -35,13 +35,7 @@ def _toy(ema, frozen='', abstract=False):
   config = config_utils.base_config()
   config.update(lr=0.1, warmup_steps=0, total_steps=10, ema_decay=DECAY if ema else 0.0)
   config.frozen = frozen
-  model_config = models.get_model_config(
-    'testing', num_classes=3, image_size=(8, 8), hidden_size=8, **{'transformer.num_layers': 1}
-  )
-  model = models.build_model(model_config)
-  schedule = optim.make_schedule(config)
-  tx = optim.make_optimizer(config, schedule)
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  _, model, schedule, tx, mesh = param_trees.tiny_vit_training(config)
   init = steps.make_init_fn(model, tx, (8, 8, 3), ema)
   if abstract:
     state = jax.eval_shape(init, jax.random.key(0))

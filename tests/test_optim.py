@@ -13,6 +13,7 @@ from mixer_vit import parallel
 from mixer_vit import steps
 
 from param_trees import random_params
+from param_trees import tiny_vit_training
 
 
 def _tree(seed=0):
@@ -103,13 +104,7 @@ def test_frozen_parameters_do_not_move_and_cost_no_state():
 def test_frozen_through_the_jitted_train_step():
   config = _config(frozen='(embedding|cls|Transformer/posembed_input)(/.*)?', accum_steps=1)
   config.warmup_steps = 0
-  model_config = models.get_model_config(
-    'testing', num_classes=3, image_size=(8, 8), hidden_size=8, **{'transformer.num_layers': 1}
-  )
-  model = models.build_model(model_config)
-  schedule = optim.make_schedule(config)
-  tx = optim.make_optimizer(config, schedule)
-  mesh = parallel.make_mesh(jax.devices()[:1])
+  model_config, model, schedule, tx, mesh = tiny_vit_training(config)
   before = random_params(model_config)  # No compile; a non-zero head, so the blocks get gradients.
   state = parallel.replicate(steps.state_from_params(before, tx), mesh)
   step = steps.make_train_step(model, tx, schedule, config, mesh)
