@@ -86,7 +86,7 @@ def train_step_memory(
   schedule = optim.make_schedule(config)
   tx = optim.make_optimizer(config, schedule)
   model_config, model = steps.make_model(config, num_classes, image_shape[:2])
-  init = steps.make_init_fn(model, tx, tuple(image_shape))
+  init = steps.make_init_fn(model, tx, tuple(image_shape), steps.ema_decay(config) is not None)
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   abstract = jax.eval_shape(init, key)
   shardings = parallel.state_shardings(abstract, mesh, parallel.mesh_settings(config)[1])

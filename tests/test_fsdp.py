@@ -240,6 +240,13 @@ def test_memory_report_counts_the_sharded_state_and_the_batch():
   assert report.total_bytes > report.argument_bytes
 
 
+def test_memory_report_counts_the_ema_parameters():
+  plain = memory.train_step_memory(fsdp_config(1), 10, (8, 8, 3))
+  ema = memory.train_step_memory(fsdp_config(1, ema_decay=0.9), 10, (8, 8, 3))
+  # SGD momentum + parameters, then a third float32 copy: the EMA.
+  assert ema.state_bytes - plain.state_bytes == 4 * plain.parameters
+
+
 def test_dry_run_prints_the_memory_and_writes_nothing(tmp_path):
   workdir = tmp_path / 'run'
   out = subprocess.run(
