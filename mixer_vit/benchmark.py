@@ -1,8 +1,12 @@
 r"""Throughput benchmark: compile time, images/s, and achieved FLOP/s against a measured peak.
 
   python -m mixer_vit.benchmark --model=ViT-B_16 [--batch=32] [--train] [--dtype=bfloat16] \
-      [--resolution=224] [--runs=10] [--warmup=2] [--fsdp=1] [--remat[=POLICY]] [--json]
+      [--mixed] [--resolution=224] [--runs=10] [--warmup=2] [--fsdp=1] [--remat[=POLICY]] [--json]
   python -m mixer_vit.benchmark --model=ViT-g_14 --train --memory --fsdp=8 --remat --batch=8
+
+``--mixed`` times the model twice in one process, in float32 and in mixed precision
+(``config.matmul_dtype='bfloat16'``: bfloat16 multiplies, float32 sums and everything else), and
+prints both and their ratio; each is measured against the matmul peak of its own operand dtype.
 
 ``--memory`` only compiles the training step (on abstract inputs: nothing allocated, nothing run)
 and prints XLA's per-device bytes for it (``mixer_vit.memory``); ``--fsdp=N`` shards the state
@@ -163,6 +167,13 @@ class BenchmarkResult:
   matmul_size: int
   share_of_peak: float | None
   matmul_peak_before_after: tuple[float, float] = (0.0, 0.0)
+  matmul_dtype: str | None = None  # Mixed precision: the multiplies' operand dtype.
+
+  @property
+  def precision(self) -> str:
+    if self.matmul_dtype:
+      return f'mixed precision ({self.matmul_dtype} multiplies, {self.dtype} elsewhere)'
+    return self.dtype
 
   def summary(self) -> str:
     def tf(x):
@@ -175,7 +186,7 @@ class BenchmarkResult:
 
     lines = [
       f'{self.model} {self.mode}, batch {self.batch}, {self.resolution[0]}x{self.resolution[1]}, '
-      f'{self.dtype}, {self.devices} {self.backend} device(s)',
+      f'{self.precision}, {self.devices} {self.backend} device(s)',
       f'  compile time:     {self.compile_seconds:.2f} s',
       f'  step time:        {self.step_seconds_median * 1e3:.1f} ms (median of '
       f'{len(self.step_seconds_all)} runs; min {min(self.step_seconds_all) * 1e3:.1f}, max '
@@ -185,7 +196,7 @@ class BenchmarkResult:
       f'matmul count {gf(self.analytic_flops_per_step)}',
       f'  achieved:         {tf(self.achieved_flops_per_second)}',
       f'  matmul peak:      {tf(self.matmul_peak_flops_per_second)} ({self.matmul_size}^2 '
-      f'jnp.dot, {self.dtype}; the better of the medians before ('
+      f'jnp.dot, {self.matmul_dtype or self.dtype}; the better of the medians before ('
       f'{tf(self.matmul_peak_before_after[0])}) and after ('
       f"{tf(self.matmul_peak_before_after[1])}) the model's runs)",
       '  share of peak:    '
@@ -204,11 +215,19 @@ def _random_batch(rng: np.random.Generator, batch: int, hw: tuple[int, int], num
   return {'image': images, 'labels': labels}
 
 
-def _train_config(model: str, batch: int, dtype: str, overrides: dict[str, Any], fsdp: int = 1):
+def _train_config(
+  model: str,
+  batch: int,
+  dtype: str,
+  overrides: dict[str, Any],
+  fsdp: int = 1,
+  matmul_dtype: str | None = None,
+):
   config = config_utils.base_config()
   config.model_name = model
   config.batch_size = batch
   config.dtype = dtype
+  config.matmul_dtype = matmul_dtype
   config.total_steps = 10_000
   config.warmup_steps = 100
   config.mesh.fsdp = fsdp
@@ -231,6 +250,7 @@ def benchmark(
   overrides: dict[str, Any] | None = None,
   mesh: Any = None,
   fsdp: int = 1,
+  matmul_dtype: str | None = None,
 ) -> BenchmarkResult:
   """Compiles and times one step of ``model`` on random data; see the module docstring.
 
@@ -239,7 +259,7 @@ def benchmark(
   """
   # Unrolled layers: XLA's cost analysis counts a scanned loop body only once.
   overrides = {'scan': False, **(overrides or {})}
-  config = _train_config(model, batch, dtype, overrides, fsdp)
+  config = _train_config(model, batch, dtype, overrides, fsdp, matmul_dtype)
   model_config, module = steps.make_model(config, num_classes)
   hw = tuple(resolution or model_config.image_size)
   mesh = mesh or parallel.mesh_from_config(config)
@@ -286,7 +306,8 @@ def benchmark(
 
   # The peak before and after the model's runs: the machine may be shared, so the better of the
   # two is the one the model could have reached.
-  peak_before = matmul_peak(jnp.dtype(dtype), matmul_size, matmul_runs)
+  peak_dtype = jnp.dtype(matmul_dtype or dtype)
+  peak_before = matmul_peak(peak_dtype, matmul_size, matmul_runs)
   times = time_calls(call, runs, warmup)
   median = statistics.median(times)
   flops = xla_flops(compiled)
@@ -297,7 +318,7 @@ def benchmark(
   analytic = analytic_flops(model_config, hw, batch, train)
   if flops is None and analytic is not None:
     flops, source = analytic, 'analytic matmul count'
-  peak_after = matmul_peak(jnp.dtype(dtype), matmul_size, matmul_runs)
+  peak_after = matmul_peak(peak_dtype, matmul_size, matmul_runs)
   peak = max(peak_before, peak_after, key=lambda p: p['flops_per_second'])
   achieved = flops / median if flops else None
   # The peak was measured on one device; the model ran on mesh.size of them.
@@ -325,6 +346,7 @@ def benchmark(
       peak_after['flops_per_second'] * mesh.size,
     ),
     share_of_peak=achieved / peak_total if achieved else None,
+    matmul_dtype=matmul_dtype,
   )
 
 
@@ -350,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     choices=('float32', 'bfloat16', 'float16'),
     default='float32',
     help='compute dtype (parameters stay float32)',
+  )
+  parser.add_argument(
+    '--mixed',
+    action='store_true',
+    help='time float32 and mixed precision (bfloat16 multiplies, float32 sums) side by side',
   )
   parser.add_argument('--resolution', help="R or H,W (default: the model's, 224)")
   parser.add_argument('--num_classes', type=int, default=1000)
@@ -392,26 +419,36 @@ def main(argv: Sequence[str] | None = None) -> int:
       report = _memory(args, resolution, overrides)
       print(json.dumps(report.as_dict()) if args.json else report.summary())
       return 0
-    result = benchmark(
-      args.model,
-      args.batch,
-      args.train,
-      args.dtype,
-      resolution,
-      args.num_classes,
-      args.runs,
-      args.warmup,
-      args.matmul_size,
-      overrides=overrides,
-      fsdp=args.fsdp,
-    )
+    if args.mixed and args.dtype != 'float32':
+      raise ValueError('--mixed compares with float32: leave --dtype out.')
+    results = [
+      benchmark(
+        args.model,
+        args.batch,
+        args.train,
+        args.dtype,
+        resolution,
+        args.num_classes,
+        args.runs,
+        args.warmup,
+        args.matmul_size,
+        overrides=overrides,
+        fsdp=args.fsdp,
+        matmul_dtype=matmul_dtype,
+      )
+      for matmul_dtype in ((None, 'bfloat16') if args.mixed else (None,))
+    ]
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.json:
-    print(json.dumps(dataclasses.asdict(result)))
-  else:
-    print(result.summary())
+    rows = [dataclasses.asdict(r) for r in results]
+    print(json.dumps(rows if args.mixed else rows[0]))
+    return 0
+  print('\n'.join(r.summary() for r in results))
+  if args.mixed:
+    ratio = results[1].images_per_second / results[0].images_per_second
+    print(f'mixed precision / float32: {ratio:.2f}x images/s')
   return 0
 
 

@@ -54,7 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the data set).
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict()
-  c.dtype = 'float32'  # Compute dtype ('bfloat16' for speed); parameters stay float32.
+  c.dtype = 'float32'  # Activation dtype; 'bfloat16' puts every activation in bfloat16.
+  # Mixed precision: 'bfloat16' multiplies bfloat16 operands with float32 sums and keeps the rest
+  # float32 (models/precision.py); parameters stay float32 either way.
+  c.matmul_dtype = ml_collections.FieldReference(None, field_type=str)
   # A `.npz` checkpoint (local or gs://) to start from: its head is replaced and its position
   # embeddings are resized to this model (models.load_pretrained).
   c.pretrained = ml_collections.FieldReference(None, field_type=str)

@@ -101,6 +101,8 @@ def make_model(
     raise ValueError(f'config.dtype {config.dtype!r} is not one of {DTYPES}.')
   overrides = config.model.to_dict() if config.get('model') else {}
   overrides.update(num_classes=num_classes, dtype=config.dtype)
+  if config.get('matmul_dtype'):
+    overrides['matmul_dtype'] = config.matmul_dtype
   if image_size is not None:
     overrides['image_size'] = tuple(image_size)
   model_config = models.get_model_config(config.model_name, **overrides)

@@ -76,7 +76,7 @@ LOCK_FILE = 'train.lock'
 CORRUPT_SUFFIX = '.corrupt'
 
 # Keys a resumed run may change: how long it runs, what it logs, evaluates and keeps, where and how
-# fast it reads; not the function it trains. (total_steps stretches or shortens the learning-rate
+# fast it reads and multiplies; not the function it trains. (total_steps stretches or shortens the learning-rate
 # schedule from the resumed step on; a warning says so.) Every other key is fixed once the workdir
 # has a checkpoint, unless allow_config_change=True.
 RESUMABLE_KEYS = frozenset(
@@ -96,6 +96,7 @@ RESUMABLE_KEYS = frozenset(
     'in_memory_max_mb',
     'max_image_pixels',
     'fewshot_every',
+    'matmul_dtype',  # The same parameters and optimiser state, multiplied in another precision.
   }
 )
 # Evaluation-only groups of keys; and the device mesh (how the state lies, not what it is: a run

@@ -104,3 +104,14 @@ def test_command_prints_json(capsys):
   assert result['images_per_second'] > 0
   assert benchmark.main(['--model=testing', '--batch=7']) == 2  # Not a multiple of 8 devices.
   assert 'multiple' in capsys.readouterr().err
+
+
+def test_mixed_prints_float32_and_mixed_precision_side_by_side(capsys):
+  args = ['--model=testing', '--batch=8', '--runs=2', '--warmup=1', '--matmul_size=128']
+  assert benchmark.main([*args, '--num_classes=10', '--train', '--mixed']) == 0
+  out = capsys.readouterr().out
+  assert 'float32, ' in out and 'mixed precision (bfloat16 multiplies, float32 elsewhere)' in out
+  assert 'jnp.dot, bfloat16' in out  # The mixed run is measured against the bfloat16 peak.
+  assert 'mixed precision / float32: ' in out
+  assert benchmark.main([*args, '--mixed', '--dtype=bfloat16']) == 2
+  assert 'leave --dtype out' in capsys.readouterr().err

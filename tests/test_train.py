@@ -1,5 +1,6 @@
 """Training loop: learning, device-count invariance, exact resume, accumulation, fine-tuning, NaN."""
 
+import copy
 import json
 import os
 import pathlib
@@ -238,6 +239,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert workdir_lib.make_manager(workdir, good).latest_step() == 4
   state_params = workdir_lib.load_workdir(workdir).params
   assert all(np.isfinite(v).all() for v in flat(state_params).values())
+
+
+def test_mixed_precision_learns_as_float32_does_and_writes_float32_params(digits_run, tmp_path):
+  """The digits run of `digits_run` again with bfloat16 multiplies (config.matmul_dtype)."""
+  config, _, expected = digits_run
+  config = copy.deepcopy(config)
+  config.matmul_dtype = 'bfloat16'
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['test_accuracy'] > 0.5
+  assert abs(result['test_accuracy'] - expected['test_accuracy']) <= 0.03, (result, expected)
+  params = params_io.load_npz(str(tmp_path / 'params.npz'))
+  reference = params_io.load_npz(os.path.join(digits_run[1], 'params.npz'))
+  shapes = lambda p: {k: (v.shape, v.dtype) for k, v in flat(p).items()}
+  assert shapes(params) == shapes(reference)
 
 
 @pytest.mark.parametrize('arg,dtype', [('mixer', 'float32'), ('vit', 'bfloat16')])

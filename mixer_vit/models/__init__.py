@@ -9,8 +9,8 @@
 
 Files: `registry.py` (names, configs, `build_model`), `vit.py` / `mixer.py` (each model and the
 checkpoint adaptation it needs), `resnet.py` (the hybrids' stem), `common.py` (shared layers,
-token grid, intermediates), `loading.py` (`load_pretrained`, `load_params`), `augreg.py` (the
-AugReg release's file names).
+token grid, intermediates), `precision.py` (mixed precision: bfloat16 multiplies, float32 sums),
+`loading.py` (`load_pretrained`, `load_params`), `augreg.py` (the AugReg release's file names).
 """
 
 from mixer_vit.models.common import REMAT_POLICIES

@@ -24,6 +24,7 @@ import numpy as np
 
 from mixer_vit import params_io
 from mixer_vit import sizes
+from mixer_vit.models import precision
 from mixer_vit.models import resnet
 
 Dtype = Any
@@ -131,6 +132,7 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros
 
@@ -142,6 +144,7 @@ class MlpBlock(nn.Module):
       param_dtype=self.param_dtype,
       kernel_init=self.kernel_init,
       bias_init=self.bias_init,
+      **precision.matmul_kwargs(self.matmul_dtype),
     )
     out_dim = x.shape[-1]
     x = dense(self.mlp_dim)(x)

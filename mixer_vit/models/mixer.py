@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from mixer_vit import params_io
 from mixer_vit import sizes
 from mixer_vit.models import common
+from mixer_vit.models import precision
 
 Dtype = Any
 
@@ -41,6 +42,7 @@ class MixerBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x, drop_rate):
@@ -52,6 +54,7 @@ class MixerBlock(nn.Module):
       dropout_rate=self.dropout_rate,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      matmul_dtype=self.matmul_dtype,
       name=name,
     )
     skip_drop_path = self.deterministic or not self.use_drop_path
@@ -89,6 +92,7 @@ class MlpMixer(nn.Module):
   scan: bool = False
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
+  matmul_dtype: Dtype | None = None
 
   def __post_init__(self):
     common.freeze_fields(self, 'patches')
@@ -98,6 +102,7 @@ class MlpMixer(nn.Module):
   def __call__(self, images, *, train: bool = False):
     common.check_images(images, 'MlpMixer')
     dtype, param_dtype = common.to_dtype(self.dtype), common.to_dtype(self.param_dtype)
+    matmul_dtype = precision.to_matmul_dtype(self.matmul_dtype)
     patch = sizes.pair(self.patches['size'], 'patches.size')
     # 'SAME' like the original stem; equals 'VALID' when patches tile the image.
     x = nn.Conv(
@@ -108,6 +113,7 @@ class MlpMixer(nn.Module):
       dtype=dtype,
       param_dtype=param_dtype,
       name='stem',
+      **precision.matmul_kwargs(matmul_dtype, conv=True),
     )(images)
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
@@ -127,6 +133,7 @@ class MlpMixer(nn.Module):
       deterministic=not train,
       dtype=dtype,
       param_dtype=param_dtype,
+      matmul_dtype=matmul_dtype,
     )
     x = nn.LayerNorm(
       epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name='pre_head_layer_norm'

@@ -13,7 +13,7 @@ A config's keys are the module's fields (plus `name`, `family` and `image_size`)
 `build_model` passes the config through: `patches.size`, `hidden_size`,
 `transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor}` (ViT);
 `num_blocks`, `tokens_mlp_dim`, `channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`,
-`dtype`, ... (both).
+`dtype`, `matmul_dtype`, ... (both).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mixer_vit import sizes
 from mixer_vit.models import augreg
 from mixer_vit.models import common
 from mixer_vit.models import mixer
+from mixer_vit.models import precision
 from mixer_vit.models import vit
 
 # Model family -> its module file (`Model`, and the checkpoint steps models.load_pretrained uses).
@@ -54,6 +55,8 @@ def _options(c: ml_collections.ConfigDict, dropout: float) -> None:
   c.stochastic_depth = 0.0
   c.dtype = 'float32'
   c.param_dtype = 'float32'
+  # Mixed precision: 'bfloat16' multiplies in bfloat16, accumulating in float32 (models.precision).
+  c.matmul_dtype = ml_collections.FieldReference(None, field_type=str)
   c.remat = False
   c.remat_policy = 'nothing'  # What remat keeps (common.REMAT_POLICIES).
   c.scan = False
@@ -232,6 +235,9 @@ def _normalise(key: str, value: Any) -> Any:
     return sizes.pair(value, key)
   if key in ('dtype', 'param_dtype'):
     return common.to_dtype(value).name
+  if key == 'matmul_dtype':
+    dtype = precision.to_matmul_dtype(value)
+    return None if dtype is None else dtype.name
   if key == 'resnet.num_layers':
     return tuple(value)
   return value

@@ -14,8 +14,11 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from mixer_vit.models import precision
 
 Dtype = Any
 
@@ -38,6 +41,7 @@ class StdConv(nn.Module):
   strides: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -48,7 +52,10 @@ class StdConv(nn.Module):
       self.param_dtype,
     )
     kernel = standardize(kernel.astype(jnp.float32)).astype(self.dtype)
-    return jax.lax.conv_general_dilated(
+    conv = (
+      precision.mixed_conv(self.matmul_dtype) if self.matmul_dtype else lax.conv_general_dilated
+    )
+    return conv(
       x.astype(self.dtype),
       kernel,
       window_strides=self.strides,
@@ -70,11 +77,18 @@ class ResidualUnit(nn.Module):
   strides: tuple[int, int] = (1, 1)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, s, name: StdConv(  # noqa: E731
-      f, k, s, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+      f,
+      k,
+      s,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      matmul_dtype=self.matmul_dtype,
+      name=name,
     )
     gn = lambda name, **kw: _group_norm(  # noqa: E731
       name, self.dtype, self.param_dtype, **kw
@@ -101,6 +115,7 @@ class ResNetStage(nn.Module):
   first_stride: tuple[int, int]
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -110,13 +125,20 @@ class ResNetStage(nn.Module):
         self.first_stride if i == 0 else (1, 1),
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        matmul_dtype=self.matmul_dtype,
         name=f'unit{i + 1}',
       )(x)
     return x
 
 
 def resnet_stem(
-  x, *, num_layers: Sequence[int], width_factor: float, dtype: Dtype, param_dtype: Dtype
+  x,
+  *,
+  num_layers: Sequence[int],
+  width_factor: float,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  matmul_dtype: Dtype | None = None,
 ):
   """Root conv + max-pool + stages; call inside the parent's compact method.
 
@@ -125,7 +147,15 @@ def resnet_stem(
   released checkpoints.
   """
   width = int(64 * width_factor)
-  x = StdConv(width, (7, 7), (2, 2), dtype=dtype, param_dtype=param_dtype, name='conv_root')(x)
+  x = StdConv(
+    width,
+    (7, 7),
+    (2, 2),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    matmul_dtype=matmul_dtype,
+    name='conv_root',
+  )(x)
   x = nn.relu(_group_norm('gn_root', dtype, param_dtype)(x))
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, num_units in enumerate(num_layers):
@@ -135,6 +165,7 @@ def resnet_stem(
       (1, 1) if i == 0 else (2, 2),
       dtype=dtype,
       param_dtype=param_dtype,
+      matmul_dtype=matmul_dtype,
       name=f'block{i + 1}',
     )(x)
   return x

@@ -32,6 +32,7 @@ import numpy as np
 from mixer_vit import params_io
 from mixer_vit import sizes
 from mixer_vit.models import common
+from mixer_vit.models import precision
 from mixer_vit.models import resnet
 
 Dtype = Any
@@ -83,6 +84,7 @@ class MultiHeadDotProductAttention(nn.Module):
   implementation: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None):
@@ -98,22 +100,36 @@ class MultiHeadDotProductAttention(nn.Module):
       param_dtype=self.param_dtype,
       kernel_init=nn.initializers.xavier_uniform(),
       name=name,
+      **precision.matmul_kwargs(self.matmul_dtype),
     )
     q = dense('query')(inputs_q)
     k = dense('key')(inputs_kv)
     v = dense('value')(inputs_kv)
 
     use_dropout = self.dropout_rate > 0 and not self.deterministic
-    implementation = resolve_attention_impl(self.implementation, q.dtype)
+    mixed = self.matmul_dtype is not None
+    implementation = resolve_attention_impl(
+      self.implementation, self.matmul_dtype if mixed else q.dtype
+    )
     if self.return_weights or use_dropout or implementation == 'explicit':
       q = q / jnp.sqrt(head_dim).astype(q.dtype)
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+      if mixed:  # The two products as dot_generals: (batch, heads) are batch dimensions.
+        dot = precision.mixed_dot_general(self.matmul_dtype)
+        logits = dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # bqhd,bkhd->bhqk
+      else:
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       weights = weights.astype(self.dtype)
       used = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=not use_dropout)
-      out = jnp.einsum('bhqk,bkhd->bqhd', used, v)
+      if mixed:
+        out = jnp.swapaxes(dot(used, v, (((3,), (1,)), ((0, 1), (0, 2)))), 1, 2)  # bhqk,bkhd
+      else:
+        out = jnp.einsum('bhqk,bkhd->bqhd', used, v)
     else:
+      if mixed:  # The fused kernels take half-precision inputs and compute softmax in float32.
+        q, k, v = (a.astype(self.matmul_dtype) for a in (q, k, v))
       out = _fused_attention(q, k, v, implementation, fallback=self.implementation == 'auto')
+      out = out.astype(self.dtype)
       weights = None
 
     out = nn.DenseGeneral(
@@ -123,16 +139,18 @@ class MultiHeadDotProductAttention(nn.Module):
       param_dtype=self.param_dtype,
       kernel_init=nn.initializers.xavier_uniform(),
       name='out',
+      **precision.matmul_kwargs(self.matmul_dtype),
     )(out)
     return out, (weights if self.return_weights else None)
 
 
-def _vit_mlp(mlp_dim, dropout_rate, dtype, param_dtype, name=None):
+def _vit_mlp(mlp_dim, dropout_rate, dtype, param_dtype, matmul_dtype, name=None):
   return common.MlpBlock(
     mlp_dim,
     dropout_rate=dropout_rate,
     dtype=dtype,
     param_dtype=param_dtype,
+    matmul_dtype=matmul_dtype,
     kernel_init=nn.initializers.xavier_uniform(),
     bias_init=nn.initializers.normal(stddev=1e-6),
     name=name,
@@ -155,6 +173,7 @@ class EncoderBlock(nn.Module):
   attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x, drop_rate):
@@ -173,6 +192,7 @@ class EncoderBlock(nn.Module):
       implementation=self.attention_impl,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      matmul_dtype=self.matmul_dtype,
       name='MultiHeadDotProductAttention_1',
     )(y)
     if collect:
@@ -181,9 +201,15 @@ class EncoderBlock(nn.Module):
     x = x + common.drop_path(self, y, drop_rate, skip_drop_path)
 
     y = norm('LayerNorm_2')(x)
-    y = _vit_mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name='MlpBlock_3')(
-      y, deterministic=self.deterministic
+    mlp = _vit_mlp(
+      self.mlp_dim,
+      self.dropout_rate,
+      self.dtype,
+      self.param_dtype,
+      self.matmul_dtype,
+      name='MlpBlock_3',
     )
+    y = mlp(y, deterministic=self.deterministic)
     x = x + common.drop_path(self, y, drop_rate, skip_drop_path)
     self.sow(common.INTERMEDIATES, 'blocks', x)
     return x, None
@@ -204,6 +230,7 @@ class Encoder(nn.Module):
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -228,6 +255,7 @@ class Encoder(nn.Module):
       attention_impl=self.attention_impl,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      matmul_dtype=self.matmul_dtype,
     )
     return nn.LayerNorm(
       epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm'
@@ -261,6 +289,7 @@ class MAPHead(nn.Module):
   attention_impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -273,12 +302,16 @@ class MAPHead(nn.Module):
       implementation=self.attention_impl,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      matmul_dtype=self.matmul_dtype,
       name='MultiHeadDotProductAttention_0',
     )(probe, x)
     z = nn.LayerNorm(
       epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name='LayerNorm_0'
     )(y)
-    y = y + _vit_mlp(self.mlp_dim, 0.0, self.dtype, self.param_dtype, name='MlpBlock_0')(z)
+    mlp = _vit_mlp(
+      self.mlp_dim, 0.0, self.dtype, self.param_dtype, self.matmul_dtype, name='MlpBlock_0'
+    )
+    y = y + mlp(z)
     return y[:, 0]
 
 
@@ -308,6 +341,7 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   dtype: Dtype = 'float32'
   param_dtype: Dtype = 'float32'
+  matmul_dtype: Dtype | None = None
 
   def __post_init__(self):
     common.freeze_fields(self, 'patches', 'transformer', 'resnet')
@@ -326,6 +360,7 @@ class VisionTransformer(nn.Module):
     self._check_options()
     common.check_images(images, 'VisionTransformer')
     dtype, param_dtype = common.to_dtype(self.dtype), common.to_dtype(self.param_dtype)
+    matmul_dtype = precision.to_matmul_dtype(self.matmul_dtype)
     patch = sizes.pair(self.patches['size'], 'patches.size')
     x = images
     if self.resnet is not None:
@@ -335,6 +370,7 @@ class VisionTransformer(nn.Module):
         width_factor=self.resnet.get('width_factor', 1.0),
         dtype=dtype,
         param_dtype=param_dtype,
+        matmul_dtype=matmul_dtype,
       )
 
     x = nn.Conv(
@@ -345,6 +381,7 @@ class VisionTransformer(nn.Module):
       dtype=dtype,
       param_dtype=param_dtype,
       name='embedding',
+      **precision.matmul_kwargs(matmul_dtype, conv=True),
     )(x)
     n, h, w, c = x.shape
     if h * w == 0:
@@ -368,6 +405,7 @@ class VisionTransformer(nn.Module):
       scan=self.scan,
       dtype=dtype,
       param_dtype=param_dtype,
+      matmul_dtype=matmul_dtype,
       name='Transformer',
     )(x, train=train)
     self.sow(common.INTERMEDIATES, 'encoded', x)
@@ -383,6 +421,7 @@ class VisionTransformer(nn.Module):
         attention_impl=self.attention_impl,
         dtype=dtype,
         param_dtype=param_dtype,
+        matmul_dtype=matmul_dtype,
         name='MAPHead_0',
       )(x)
     # 'unpooled' / 'token_unpooled' keep every token.

@@ -1,0 +1,166 @@
+"""Mixed precision (`matmul_dtype='bfloat16'`): exact products, unchanged parameters, close logits."""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixer_vit import models
+from mixer_vit.models import precision
+
+# (lhs shape, rhs shape, dimension numbers): a dense layer, DenseGeneral in and out of heads, the
+# two attention products (batch dimensions b and h), and a contraction over the lhs's first axis.
+PRODUCTS = [
+  ((5, 7), (7, 3), (((1,), (0,)), ((), ()))),
+  ((2, 5, 8), (8, 4, 6), (((2,), (0,)), ((), ()))),
+  ((2, 5, 4, 6), (4, 6, 8), (((2, 3), (0, 1)), ((), ()))),
+  ((2, 5, 3, 4), (2, 6, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
+  ((2, 3, 5, 6), (2, 6, 3, 4), (((3,), (1,)), ((0, 1), (0, 2)))),
+  ((4, 5), (3, 4), (((0,), (1,)), ((), ()))),
+]
+
+
+def small_integers(rng, shape):
+  """Exact in bfloat16, and so are their sums of products in float32: results compare exactly."""
+  return jnp.asarray(rng.integers(-4, 5, shape).astype(np.float32))
+
+
+@pytest.mark.parametrize('lhs_shape,rhs_shape,dims', PRODUCTS)
+def test_mixed_product_and_its_gradients_are_exact_on_bfloat16_numbers(lhs_shape, rhs_shape, dims):
+  rng = np.random.default_rng(0)
+  lhs, rhs = small_integers(rng, lhs_shape), small_integers(rng, rhs_shape)
+  out_shape = jax.eval_shape(lambda a, b: lax.dot_general(a, b, dims), lhs, rhs).shape
+  weights = small_integers(rng, out_shape)  # The cotangent, exact in bfloat16 too.
+  mixed = precision.mixed_dot_general('bfloat16')
+
+  def loss(dot):
+    return lambda a, b: jnp.sum(dot(a, b, dims) * weights)
+
+  np.testing.assert_array_equal(mixed(lhs, rhs, dims), lax.dot_general(lhs, rhs, dims))
+  expected = jax.grad(loss(lax.dot_general), (0, 1))(lhs, rhs)
+  got = jax.jit(jax.grad(loss(mixed), (0, 1)))(lhs, rhs)
+  for e, g in zip(expected, got):
+    assert g.dtype == jnp.float32 and g.shape == e.shape
+    np.testing.assert_array_equal(g, e)
+
+
+def test_mixed_product_rounds_its_operands_to_bfloat16():
+  lhs = jnp.array([[1.0 + 2.0**-10]])  # Not a bfloat16 number: rounds to 1.
+  out = precision.mixed_dot_general('bfloat16')(lhs, jnp.ones((1, 1)), (((1,), (0,)), ((), ())))
+  assert out.dtype == jnp.float32 and float(out[0, 0]) == 1.0
+
+
+def test_mixed_convolution_matches_float32_within_bfloat16_rounding():
+  rng = np.random.default_rng(1)
+  images, kernel = small_integers(rng, (2, 6, 6, 3)), small_integers(rng, (3, 3, 3, 4))
+  conv = lambda fn: (
+    lambda a, b: fn(a, b, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  )
+  mixed = conv(precision.mixed_conv('bfloat16'))
+  np.testing.assert_array_equal(
+    mixed(images, kernel), conv(lax.conv_general_dilated)(images, kernel)
+  )
+  # Gradients: the backward convolutions round their results to bfloat16 (8 significant bits).
+  weights = small_integers(rng, (2, 6, 6, 4))
+  grads = [
+    jax.grad(lambda a, b, fn=fn: jnp.sum(fn(a, b) * weights), (0, 1))(images, kernel)
+    for fn in (conv(lax.conv_general_dilated), mixed)
+  ]
+  for e, g in zip(*grads):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, e, rtol=2.0**-8, atol=0)
+
+
+def test_matmul_dtype_names():
+  assert precision.to_matmul_dtype(None) is None
+  assert precision.to_matmul_dtype('float32') is None
+  assert precision.to_matmul_dtype('bfloat16') == jnp.bfloat16
+  with pytest.raises(ValueError, match="matmul_dtype must be None, 'bfloat16' or 'float16'"):
+    precision.to_matmul_dtype('int8')
+
+
+MODELS = {
+  'vit': ('testing', {}),
+  'hybrid': (
+    'ViT-Ti_16',
+    {
+      'image_size': (32, 32),
+      'patches': {'size': (1, 1)},
+      'resnet': {'num_layers': (1, 1), 'width_factor': 0.5},
+      'hidden_size': 64,
+      'transformer': {'num_layers': 2, 'mlp_dim': 128, 'num_heads': 2},
+    },
+  ),
+  'mixer': ('testing-mixer', {}),
+}
+
+
+def _build(name, matmul_dtype=None, dtype='float32', **overrides):
+  config = models.get_model_config(
+    name, num_classes=10, matmul_dtype=matmul_dtype, dtype=dtype, **overrides
+  )
+  return config, models.build_model(config)
+
+
+def _random_params(model, images):
+  """Random parameters of `model`'s tree, drawn with numpy (flax's initialisers compile for
+  seconds per model on 2 cores): kernels scaled by 1/sqrt(fan-in), norm scales near 1, and a
+  non-zero head (it starts at zero), so the logits carry signal."""
+  tree = jax.eval_shape(lambda: model.init({'params': jax.random.PRNGKey(0)}, images)['params'])
+  rng = np.random.default_rng(7)
+
+  def draw(path, leaf):
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    if 'scale' in jax.tree_util.keystr(path):
+      return 1.0 + 0.1 * noise
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 100
+    return noise / np.sqrt(fan_in)
+
+  return jax.tree_util.tree_map_with_path(draw, tree), tree
+
+
+@pytest.mark.parametrize('family', sorted(MODELS))
+def test_mixed_precision_keeps_parameters_and_logits(family):
+  """Same parameter names, shapes and float32 dtypes (so the same checkpoints); logits within
+  bfloat16 rounding of float32, and closer to them than an all-bfloat16 model's.
+
+  Tolerance: bfloat16 keeps 8 significant bits, so each operand is off by at most 2^-9 (0.2 %)
+  relatively; over a few layers the logits drift by well under 2 % of their largest magnitude.
+  """
+  name, overrides = MODELS[family]
+  config, reference = _build(name, **overrides)
+  _, mixed = _build(name, 'bfloat16', **overrides)
+  _, half = _build(name, dtype='bfloat16', **overrides)
+  images = jax.random.uniform(
+    jax.random.PRNGKey(0), (4, *config.image_size, 3), minval=-1.0, maxval=1.0
+  )
+  params, tree = _random_params(reference, images)
+  mixed_tree = jax.eval_shape(lambda: mixed.init({'params': jax.random.PRNGKey(1)}, images))
+  shapes = lambda tree: jax.tree.map(lambda v: (v.shape, v.dtype), tree)
+  assert shapes(mixed_tree['params']) == shapes(tree)
+  assert {v.dtype for v in jax.tree.leaves(mixed_tree)} == {np.dtype('float32')}
+  apply = lambda model: jax.jit(model.apply)({'params': params}, images)
+  expected, got = apply(reference), apply(mixed)
+  assert got.dtype == jnp.float32
+  scale = float(jnp.max(jnp.abs(expected)))
+  mixed_error = float(jnp.max(jnp.abs(got - expected)))
+  half_error = float(jnp.max(jnp.abs(apply(half) - expected)))
+  assert 0 < mixed_error <= 0.02 * scale, (mixed_error, scale)
+  assert mixed_error < half_error, (mixed_error, half_error)
+
+
+def test_mixed_precision_gradients_match_float32():
+  config, reference = _build('testing')
+  _, mixed = _build('testing', 'bfloat16')
+  images = jax.random.uniform(jax.random.PRNGKey(0), (4, *config.image_size, 3), minval=-1.0)
+  params, _ = _random_params(reference, images)
+  loss = lambda model: lambda p: jnp.sum(model.apply({'params': p}, images) ** 2)
+  grad = lambda model: jax.jit(jax.grad(loss(model)))(params)
+  expected, got = grad(reference), grad(mixed)
+  assert {g.dtype for g in jax.tree.leaves(got)} == {np.dtype('float32')}
+  # Relative to the largest gradient: some gradients are zero in exact arithmetic (the key bias:
+  # softmax ignores a shift shared by all keys) and only rounding noise in either precision.
+  scale = max(float(jnp.max(jnp.abs(e))) for e in jax.tree.leaves(expected))
+  errors = jax.tree.map(lambda g, e: float(jnp.max(jnp.abs(g - e))), got, expected)
+  assert max(jax.tree.leaves(errors)) <= 0.02 * scale, errors
