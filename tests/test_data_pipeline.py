@@ -240,6 +240,8 @@ def test_config_file_takes_the_optional_data_keys(monkeypatch):
   assert type(split).__name__ == 'StreamSplit'
   ds = data.local_train_dataset(config, 0, 1, 64)
   assert ds.options().threading.private_threadpool_size == 1
+  # Without autotuning (its iterator took 30+ s to release at the end of a run).
+  assert ds.options().autotune.enabled is False
   sharded = []
   shard_batch = parallel.shard_batch
   monkeypatch.setattr(
