@@ -1,5 +1,6 @@
 """The preprocessing ops, one by one, on single images (eager) as inference uses them."""
 
+import inspect
 import io
 import struct
 import zlib
@@ -365,3 +366,27 @@ def test_pad_adds_a_border():
   )
   with pytest.raises(ValueError, match="pad\\(mode='wrap'\\)"):
     preprocess.get_preprocess_fn('pad(1, mode="wrap")')
+
+
+def test_resize_before_value_range_skips_the_uint8_round_trip_with_the_same_values():
+  image = _random_image(37, 53)
+  for resize_op in ('resize_small(20)', 'resize((17, 23))'):
+    # Op by op (uint8 in between) and composed (float32 in between) agree exactly.
+    resized = _run(resize_op, image)['image']
+    assert resized.dtype == np.uint8
+    for rest in ('central_crop(16)|value_range(-1,1)', 'flip_lr|pad(2)|value_range(0,1)'):
+      rng = [1, 2]
+      want = _run(rest, resized, rng=rng)['image']
+      got = _run(f'{resize_op}|{rest}', image, rng=rng)['image']
+      np.testing.assert_array_equal(got, want)
+  ops = preprocess.parse('decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot')
+  assert preprocess._float_follows(ops, 1)  # pylint: disable=protected-access
+  for pp in (
+    'resize_small(8)|randaug|value_range',
+    'resize(8)|central_crop(4)',
+    'resize(8)|keep("image")|value_range',
+  ):
+    assert not preprocess._float_follows(preprocess.parse(pp), 0), pp  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='leading underscore'):
+    preprocess.parse('resize(8, _float_output=True)')
+  assert '_float_output' not in str(inspect.signature(preprocess.resize_small))

@@ -8,6 +8,7 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+import tensorflow as tf
 
 from mixer_vit import config_utils
 from mixer_vit import data
@@ -251,3 +252,48 @@ def test_config_file_takes_the_optional_data_keys(monkeypatch):
   next(it)
   it.close()
   assert len(sharded) == 4
+
+
+@pytest.mark.parametrize('process', [(0, 1), (1, 2)])
+def test_block_shuffle_is_a_fresh_permutation_per_epoch_and_resumes_exactly(process):
+  """Indices come in vectorised blocks with one key per epoch; the order is index_shuffle's."""
+  p, count = process
+  num = 2 * data.base.SHUFFLE_BLOCK + 5 * count + p  # Blocks do not divide an epoch.
+  split = data.base.RandomAccessSplit(num, lambda i: {'image': i, 'label': i})
+  n = split.local_count(p, count)
+  stream = list(split.train_elements(p, count, 7, 0).take(3 * n).as_numpy_iterator())
+  index = np.array([e['_index'] for e in stream])
+  np.testing.assert_array_equal([e['_position'] for e in stream], np.arange(3 * n))
+  epochs = index.reshape(3, n)
+  for e in range(3):
+    assert sorted(epochs[e]) == list(range(p, num, count)), f'epoch {e} is not a permutation'
+    # The order of the per-example definition: offset q of epoch e -> index_shuffle(q, key(e)).
+    key = data.base.shuffle_key(7, p, e)
+    for q in (0, data.base.SHUFFLE_BLOCK, n - 1):
+      local = tf.random.experimental.index_shuffle(tf.constant(q, tf.int64), key, n - 1)
+      assert epochs[e, q] == p + count * int(local)
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  # Resuming anywhere (in a block, at a block start, at an epoch start, in a later epoch).
+  for start in (3, data.base.SHUFFLE_BLOCK, n - 1, n, 2 * n + 17):
+    tail = split.train_elements(p, count, 7, start).take(40)
+    got = [(e['_index'], e['_position']) for e in tail.as_numpy_iterator()]
+    want = [(e['_index'], e['_position']) for e in stream[start : start + 40]]
+    assert got == want, start
+  # The error path computes the same indices.
+  positions = np.array([0, 5, n - 1, n, 2 * n + 3])
+  np.testing.assert_array_equal(split.train_indices(p, count, 7, positions), index[positions])
+  # Another seed, another order.
+  other = split.train_elements(p, count, 8, 0).take(n).as_numpy_iterator()
+  assert not np.array_equal([e['_index'] for e in other], epochs[0])
+
+
+def test_split_streams_load_inside_the_preprocessing_map():
+  """The source yields indices only; the image is gathered in the one per-example map."""
+  config = data.DataConfig.from_config(_config())
+  split = data.sources.open_source(config).split('train')
+  element = next(split.train_elements(0, 1, 0, 0).as_numpy_iterator())
+  assert set(element) == {'_index', '_position'}
+  loaded = next(split.train_dataset(0, 1, 0, 0).as_numpy_iterator())
+  assert loaded['_index'] == element['_index'] and loaded['image'].shape == (8, 8, 1)
+  batch = next(data.local_train_dataset(config, 0, 1, 4, with_ids=True).as_numpy_iterator())
+  assert batch['index'][0] == element['_index']

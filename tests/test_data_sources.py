@@ -376,3 +376,64 @@ def test_folder_split_parser():
   assert folder.parse_split('train[10:-5]+test') == [('train', '10', '-5'), ('test', '', '')]
   with pytest.raises(ValueError, match='cannot parse split'):
     folder.parse_split('train[::2]')
+
+
+def _jpeg_folder(root, sizes):
+  """ROOT/train/{a,b}/i.jpg with image i of ``sizes[i]``."""
+  rng = np.random.RandomState(0)
+  for i, (h, w) in enumerate(sizes):
+    d = root / 'train' / 'ab'[i % 2]
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(d / f'{i}.jpg')
+
+
+def test_folder_of_one_size_is_decoded_once_into_memory(tmp_path, caplog):
+  _jpeg_folder(tmp_path, [(12, 10)] * 6)
+  with caplog.at_level('INFO'):
+    split = folder.ImageFolder(str(tmp_path)).split('train')
+  kind, stored, _ = split.storage
+  assert kind == 'memory' and stored.dtype == np.uint8 and stored.shape == (6, 12, 10, 3)
+  assert 'Decoded 6 images of shape (12, 10, 3)' in caplog.text
+  assert 'different sizes' not in caplog.text
+
+
+def test_folder_of_mixed_sizes_says_so_from_the_headers(tmp_path, caplog, monkeypatch):
+  _jpeg_folder(tmp_path, [(12, 10), (14, 9)] * 3)
+  decoded = []
+  decode = folder.images.decode
+  monkeypatch.setattr(folder.images, 'decode', lambda *a, **k: decoded.append(1) or decode(*a, **k))
+  with caplog.at_level('INFO'):
+    split = folder.ImageFolder(str(tmp_path)).split('train')
+  assert not decoded, 'the sizes come from the headers; nothing is decoded'
+  kind, stored, _ = split.storage
+  assert kind == 'memory' and stored.dtype == object  # Kept encoded.
+  message = (
+    rf"image folder '{re.escape(str(tmp_path))}', split 'train': images of different sizes "
+    r'\(\S+\.jpg is (12x10|14x9), \S+\.jpg is (12x10|14x9)\); the 6 files stay encoded'
+  )
+  assert re.search(message, caplog.text), caplog.text
+  assert 'Local rendezvous' not in caplog.text and 'Decoded' not in caplog.text
+
+
+def test_folder_size_mismatch_outside_the_header_sample_is_named(tmp_path, caplog):
+  _jpeg_folder(tmp_path, [(12, 10)] * 40)
+  source = folder.ImageFolder(str(tmp_path))
+  files = [f for f, _ in source._files_of('train')]  # pylint: disable=protected-access
+  sample = set(np.linspace(0, 39, folder._HEADER_SAMPLE).astype(int))  # pylint: disable=protected-access
+  odd = files[min(set(range(40)) - sample)]
+  Image.fromarray(np.zeros((7, 5, 3), np.uint8)).save(odd, format='JPEG')
+  with caplog.at_level('INFO'):
+    split = source.split('train')
+  assert split.storage[1].dtype == object
+  assert f'different sizes ({odd} is not 12x10 like {files[0]})' in caplog.text
+  # Still readable, at every step.
+  batch = next(
+    data.local_eval_dataset(
+      _config(dataset=str(tmp_path), pp_test='decode|resize(4)|value_range(-1,1)|onehot'),
+      0,
+      1,
+      40,
+      split='train',
+    ).as_numpy_iterator()
+  )
+  assert batch['image'].shape == (40, 4, 4, 3)

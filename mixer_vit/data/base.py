@@ -289,7 +289,14 @@ def shuffle_key(seed: int, process_index: int, epoch) -> tf.Tensor:
 
 
 class Split(abc.ABC):
-  """One split (e.g. ``'train[:98%]'``) of a data set, read per process."""
+  """One split (e.g. ``'train[:98%]'``) of a data set, read per process.
+
+  The streams come in two stages so that the pipeline can load each example inside its
+  preprocessing map (one map per example instead of two): ``train_elements`` /
+  ``eval_elements`` give cheap elements (an index and a position, or a raw record), and
+  ``load`` turns one into ``{'image', 'label', '_index', '_position'}``.
+  ``train_dataset`` / ``eval_dataset`` are the two stages chained.
+  """
 
   num_examples: int
 
@@ -298,14 +305,30 @@ class Split(abc.ABC):
     """How many examples of the split process ``process_index`` reads per epoch / pass."""
 
   @abc.abstractmethod
+  def train_elements(
+    self, process_index: int, process_count: int, seed: int, start_position: int
+  ) -> tf.data.Dataset:
+    """Endless stream of unloaded elements (see ``load``) from ``start_position``."""
+
+  @abc.abstractmethod
+  def eval_elements(self, process_index: int, process_count: int) -> tf.data.Dataset:
+    """One pass over this process's part, unloaded elements (see ``load``)."""
+
+  @abc.abstractmethod
+  def load(self, element) -> dict[str, tf.Tensor]:
+    """An element of the two streams above -> ``{'image', 'label', '_index', '_position'}``."""
+
   def train_dataset(
     self, process_index: int, process_count: int, seed: int, start_position: int
   ) -> tf.data.Dataset:
     """Endless stream of ``{'image', 'label', '_index', '_position'}`` from ``start_position``."""
+    ds = self.train_elements(process_index, process_count, seed, start_position)
+    return ds.map(self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-  @abc.abstractmethod
   def eval_dataset(self, process_index: int, process_count: int) -> tf.data.Dataset:
     """One pass over this process's part, ``{'image', 'label', '_index', '_position'}``."""
+    ds = self.eval_elements(process_index, process_count)
+    return ds.map(self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def train_indices(self, process_index, process_count, seed, positions) -> np.ndarray | None:
     """Split indices of the examples at ``positions`` of the training stream, if computable."""
@@ -323,65 +346,95 @@ class Split(abc.ABC):
     return []
 
 
+SHUFFLE_BLOCK = 1024  # Positions whose indices are computed in one vectorised index_shuffle.
+
+
 class RandomAccessSplit(Split):
-  """A split whose example ``i`` can be loaded directly (``load(i)`` in TensorFlow)."""
+  """A split whose example ``i`` can be loaded directly (``load_index(i)`` in TensorFlow).
+
+  ``storage`` says how the split is held, for the data benchmark's plain tf.data reference:
+  ``('memory', images, labels)`` (arrays, decoded or encoded bytes) or ``('files', paths,
+  labels)``; None when it cannot be read any other way.
+  """
 
   def __init__(
     self,
     num_examples: int,
     load: Callable[[tf.Tensor], dict[str, tf.Tensor]],
     check: Callable[[int], str | None] | None = None,
+    storage: tuple[str, np.ndarray, np.ndarray] | None = None,
   ):
     self.num_examples = int(num_examples)
     self._load = load
     self._check = check
+    self.storage = storage
 
   def local_count(self, process_index, process_count):
     return len(range(process_index, self.num_examples, process_count))
 
-  def _train_index_fn(self, process_index, process_count, seed):
+  def _local_count_or_error(self, process_index, process_count):
     n = self.local_count(process_index, process_count)
     if n == 0:
       raise ValueError(
         f'the training split has {self.num_examples} examples, fewer than the '
         f'{process_count} processes; use a bigger split'
       )
+    return n
 
-    def index(position):
-      position = tf.cast(position, tf.int64)
-      epoch, offset = position // n, position % n
-      local = tf.random.experimental.index_shuffle(
-        offset, shuffle_key(seed, process_index, epoch), tf.constant(n - 1, tf.int64)
-      )
-      return process_index + process_count * local
+  def _shuffled(self, offsets, key, n, process_index, process_count):
+    """Split indices of the local ``offsets`` (a vector or a scalar) in the epoch of ``key``."""
+    local = tf.random.experimental.index_shuffle(offsets, key, tf.constant(n - 1, tf.int64))
+    return process_index + process_count * local
 
-    return index
+  def train_elements(self, process_index, process_count, seed, start_position):
+    """``{'_index', '_position'}``; the epoch's key is computed once, indices per block.
 
-  def _element(self, index, position):
-    example = dict(self._load(index))
-    example['_index'] = index
-    example['_position'] = position
+    Epoch ``e`` visits the local examples in the permutation ``index_shuffle(., key(seed, p,
+    e))``, evaluated on blocks of ``SHUFFLE_BLOCK`` offsets at once. Position ``q`` is offset
+    ``q mod n`` of epoch ``q // n`` whatever the block boundaries, so the stream from
+    ``start_position`` is exactly the tail of the stream from 0.
+    """
+    n = self._local_count_or_error(process_index, process_count)
+    e0, within = divmod(int(start_position), n)
+
+    def epoch(e):
+      key = shuffle_key(seed, process_index, e)
+      first = tf.where(tf.equal(e, e0), tf.constant(within, tf.int64), 0)
+      offsets = tf.data.Dataset.range(first, n).batch(SHUFFLE_BLOCK)
+
+      def block(o):
+        return {
+          '_index': self._shuffled(o, key, n, process_index, process_count),
+          '_position': e * n + o,
+        }
+
+      return offsets.map(block)
+
+    epochs = tf.data.Dataset.counter(start=e0, dtype=tf.int64)
+    return epochs.flat_map(epoch).unbatch()
+
+  def eval_elements(self, process_index, process_count):
+    n = self.local_count(process_index, process_count)
+    return tf.data.Dataset.range(n).map(
+      lambda p: {'_index': process_index + process_count * p, '_position': p}
+    )
+
+  def load(self, element):
+    example = dict(self._load(element['_index']))
+    example['_index'] = element['_index']
+    example['_position'] = element['_position']
     return example
 
-  def train_dataset(self, process_index, process_count, seed, start_position):
-    index = self._train_index_fn(process_index, process_count, seed)
-    positions = tf.data.Dataset.counter(start=start_position, dtype=tf.int64)
-    return positions.map(
-      lambda p: self._element(index(p), p), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-
-  def eval_dataset(self, process_index, process_count):
-    n = self.local_count(process_index, process_count)
-    positions = tf.data.Dataset.range(n)
-    return positions.map(
-      lambda p: self._element(process_index + process_count * p, p),
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
-    )
-
   def train_indices(self, process_index, process_count, seed, positions):
-    index = self._train_index_fn(process_index, process_count, seed)
-    return np.asarray([int(index(tf.constant(int(q), tf.int64))) for q in positions], np.int64)
+    n = self._local_count_or_error(process_index, process_count)
+    positions = np.asarray(positions, np.int64)
+    result = np.zeros(positions.shape, np.int64)
+    for e in np.unique(positions // n):
+      chosen = positions // n == e
+      key = shuffle_key(seed, process_index, int(e))
+      offsets = tf.constant(positions[chosen] % n, tf.int64)
+      result[chosen] = self._shuffled(offsets, key, n, process_index, process_count).numpy()
+    return result
 
   def eval_indices(self, process_index, process_count, positions):
     return process_index + process_count * np.asarray(positions, np.int64)
@@ -394,13 +447,14 @@ class RandomAccessSplit(Split):
 
 def in_memory_split(images: np.ndarray, labels: np.ndarray, check=None) -> RandomAccessSplit:
   """A split held in memory: uint8 image arrays (N, H, W, C) or encoded bytes (N,)."""
+  labels = np.asarray(labels, np.int64)
   images_t = tf.constant(images)
-  labels_t = tf.constant(np.asarray(labels, np.int64))
+  labels_t = tf.constant(labels)
 
   def load(i):
     return {'image': tf.gather(images_t, i), 'label': tf.gather(labels_t, i)}
 
-  return RandomAccessSplit(len(labels), load, check)
+  return RandomAccessSplit(len(labels), load, check, storage=('memory', images, labels))
 
 
 # --------------------------------------------------------------------------------------------

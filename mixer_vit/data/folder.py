@@ -27,6 +27,7 @@ from mixer_vit.data import base
 from mixer_vit.data import images
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_HEADER_SAMPLE = 16  # Files whose header sizes are compared before decoding a folder into memory.
 _SPLIT_RE = re.compile(r'^\s*([\w.-]+)\s*(?:\[\s*([^\]:]*?)\s*:\s*([^\]:]*?)\s*\])?\s*$')
 
 
@@ -223,36 +224,89 @@ class ImageFolder(base.Source):
         self._splits[split] = self._open(split)
       return self._splits[split]
 
-  def _decode_all(self, data: list[bytes]) -> np.ndarray | None:
+  def _decode_all(self, data: list[bytes], paths: list[str], where: str) -> np.ndarray | None:
     """All images decoded to one uint8 array when they share a shape and fit the memory limit.
 
     Small data sets such as CIFAR-10 are then decoded once instead of at every step. Returns
-    None (keep the encoded bytes) for mixed shapes, corrupt files or too much memory.
+    None (keep the encoded bytes) for mixed sizes, corrupt files or too much memory. The sizes
+    of a sample of files are read from their headers first (nothing decoded), so that a folder
+    of mixed sizes (most photo collections) is recognised at once; the log says why.
     """
+    sample = sorted(set(np.linspace(0, len(data) - 1, min(len(data), _HEADER_SAMPLE)).astype(int)))
     try:
-      first = images.decode(data[0], 3, self._max_pixels).shape
-    except tf.errors.OpError:
+      sizes = {int(i): tuple(int(v) for v in images.header_size(data[i]).numpy()) for i in sample}
+    except tf.errors.OpError:  # A corrupt header: found again, and named, when it is read.
       return None
-    if len(data) * int(np.prod(first)) > self._in_memory_max_bytes:
+    known = [i for i in sample if sizes[i] != (0, 0)]  # (0, 0): no size in the header.
+    other = [i for i in known if sizes[i] != sizes[known[0]]]
+    if other:
+      logging.info(
+        '%s: images of different sizes (%s is %dx%d, %s is %dx%d); the %d files stay encoded in '
+        'memory and are decoded at every step (images of one size are decoded once)',
+        where,
+        paths[known[0]],
+        *sizes[known[0]],
+        paths[other[0]],
+        *sizes[other[0]],
+        len(data),
+      )
+      return None
+    if len(known) == len(sample):
+      first = sizes[sample[0]]
+    else:  # Decode one to know its size.
+      try:
+        first = tuple(images.decode(data[0], 3, self._max_pixels).shape[:2])
+      except tf.errors.OpError:
+        return None
+    shape = (*first, 3)
+    if len(data) * int(np.prod(shape)) > self._in_memory_max_bytes:
+      logging.info(
+        '%s: %d decoded images of shape %s would take %.0f MB, over in_memory_max_mb; the files '
+        'stay encoded in memory and are decoded at every step',
+        where,
+        len(data),
+        shape,
+        len(data) * np.prod(shape) / 2**20,
+      )
       return None
     encoded = tf.constant(np.asarray(data, dtype=object))
+
+    def decode(i):
+      image = images.decode(tf.gather(encoded, i), 3, self._max_pixels)
+      same = tf.reduce_all(tf.equal(tf.shape(image), shape))
+      # A different size is reported by index, not by a failing batch (a confusing TF warning).
+      fixed = tf.cond(
+        same, lambda: tf.ensure_shape(image, shape), lambda: tf.zeros(shape, tf.uint8)
+      )
+      return fixed, same
+
     ds = (
       tf.data.Dataset.range(len(data))
-      .map(
-        lambda i: images.decode(tf.gather(encoded, i), 3, self._max_pixels),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-      )
+      .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       .batch(4096)
     )
     try:
-      decoded = np.concatenate(list(ds.as_numpy_iterator()))
-    except tf.errors.OpError:  # Mixed shapes, an undecodable file or one over max_pixels.
+      parts = list(ds.as_numpy_iterator())
+    except tf.errors.OpError:  # An undecodable file or one over max_pixels: named when read.
       return None
+    same = np.concatenate([p[1] for p in parts])
+    if not same.all():
+      k = int(np.argmin(same))
+      logging.info(
+        '%s: images of different sizes (%s is not %dx%d like %s); the %d files stay encoded in '
+        'memory and are decoded at every step (images of one size are decoded once)',
+        where,
+        paths[k],
+        *first,
+        paths[0],
+        len(data),
+      )
+      return None
+    decoded = np.concatenate([p[0] for p in parts])
     logging.info(
       'Decoded %d images of shape %s into memory (%.1f MB)',
       len(decoded),
-      tuple(first),
+      shape,
       decoded.nbytes / 2**20,
     )
     return decoded
@@ -270,7 +324,7 @@ class ImageFolder(base.Source):
       logging.info(
         'Read %s[%s] into memory: %d files, %.1f MB', self.root, split, len(paths), total / 2**20
       )
-      decoded = self._decode_all(data)
+      decoded = self._decode_all(data, paths, f'image folder {self.root!r}, split {split!r}')
       if decoded is not None:
         return base.in_memory_split(decoded, labels)
 
@@ -290,4 +344,6 @@ class ImageFolder(base.Source):
       error = _decode_error(_read_all([paths[i]])[0], self._max_pixels)
       return f'{paths[i]} ({error})' if error else None
 
-    return base.RandomAccessSplit(len(paths), load, check)
+    return base.RandomAccessSplit(
+      len(paths), load, check, storage=('files', np.asarray(paths), labels)
+    )

@@ -57,9 +57,18 @@ def _options(config: base.DataConfig, autotune: bool = True) -> tf.data.Options:
 
 
 def _example_fn(
-  pp: str, num_classes: int, seed: int, process_index: int, with_ids: bool, max_pixels: int
+  pp: str,
+  num_classes: int,
+  seed: int,
+  process_index: int,
+  with_ids: bool,
+  max_pixels: int,
+  load=None,
 ):
-  """Example from a split -> preprocessed ``{'image', 'labels'}`` with its per-example seed."""
+  """Element of a split -> preprocessed ``{'image', 'labels'}`` with its per-example seed.
+
+  ``load`` (the split's) runs first, in the same map: one map per example, not two.
+  """
   pp_fn = preprocess.get_preprocess_fn(pp, num_classes=num_classes, max_pixels=max_pixels)
   if 'value_range' not in [name for name, _, _ in preprocess.parse(pp)]:
     raise ValueError(
@@ -70,9 +79,15 @@ def _example_fn(
     tf.constant([seed, RNG_SALT], tf.int64), process_index
   )
 
+  deterministic = preprocess.is_deterministic(pp)
+
   def fn(example):
-    rng = tf.random.experimental.stateless_fold_in(process_key, example['_position'])
-    out = pp_fn({'image': example['image'], 'label': example['label'], '_rng': rng})
+    if load is not None:
+      example = load(example)
+    inputs = {'image': example['image'], 'label': example['label']}
+    if not deterministic:  # Evaluation's ops draw nothing: no seed to compute.
+      inputs['_rng'] = tf.random.experimental.stateless_fold_in(process_key, example['_position'])
+    out = pp_fn(inputs)
     image, labels = out.get('image'), out.get('labels')
     if image is None or image.dtype != tf.float32 or image.shape.rank != 3:
       raise ValueError(
@@ -102,7 +117,7 @@ def local_train_dataset(
   source = sources.open_source(config)
   split = source.split(config.train_split)
   seed = config.seed
-  ds = split.train_dataset(process_index, process_count, seed, start_step * local_batch_size)
+  ds = split.train_elements(process_index, process_count, seed, start_step * local_batch_size)
   ds = ds.map(
     _example_fn(
       config.require('pp_train'),
@@ -111,6 +126,7 @@ def local_train_dataset(
       process_index,
       with_ids,
       config.max_image_pixels,
+      split.load,
     ),
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
@@ -145,9 +161,12 @@ def local_eval_dataset(
       f'pp_test {pp!r} has random ops; evaluation must be deterministic (use '
       'e.g. resize/central_crop instead of inception_crop/flip_lr)'
     )
-  ds = source.split(split_name).eval_dataset(process_index, process_count)
+  split_data = source.split(split_name)
+  ds = split_data.eval_elements(process_index, process_count)
   ds = ds.map(
-    _example_fn(pp, source.num_classes, 0, process_index, with_ids, config.max_image_pixels),
+    _example_fn(
+      pp, source.num_classes, 0, process_index, with_ids, config.max_image_pixels, split_data.load
+    ),
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=True,
   )

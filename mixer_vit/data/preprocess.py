@@ -99,15 +99,16 @@ def image_op(name: str, random: bool = False, decoded: bool = True):
     key_param = inspect.Parameter(
       'key', inspect.Parameter.POSITIONAL_OR_KEYWORD, default='image', annotation='str'
     )
-    signature = signature.replace(
-      parameters=[*signature.parameters.values(), key_param], return_annotation='OpFn'
-    )
+    public = [p for p in signature.parameters.values() if not p.name.startswith('_')]
+    signature = signature.replace(parameters=[*public, key_param], return_annotation='OpFn')
 
     @functools.wraps(factory)
     def make(*args, **kwargs) -> OpFn:
+      # Keyword-only ``_name`` parameters are set by ``get_preprocess_fn``, never by pp strings.
+      private = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith('_')}
       arguments = signature.bind(*args, **kwargs)  # TypeError for bad arguments.
       key = arguments.arguments.pop('key', 'image')
-      fn = factory(*arguments.args, **arguments.kwargs)
+      fn = factory(*arguments.args, **arguments.kwargs, **private)
 
       def op(data: Example) -> Example:
         image = data[key]
@@ -155,6 +156,8 @@ def parse(pp: str) -> list[tuple[str, tuple, dict]]:
         name = call.func.id
         args = tuple(ast.literal_eval(a) for a in call.args)
         kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        if any(k is None or k.startswith('_') for k in kwargs):
+          raise ValueError('keyword arguments must be named, without a leading underscore')
       else:
         raise ValueError('not an op call')
     except (SyntaxError, ValueError) as e:
@@ -192,7 +195,10 @@ def get_preprocess_fn(
     (the per-example seed) are dropped from the result.
   """
   fns = []
-  for name, args, kwargs in parse(pp):
+  ops = parse(pp)
+  for i, (name, args, kwargs) in enumerate(ops):
+    if name in _FLOAT_OUTPUT_OPS and _float_follows(ops, i):
+      kwargs = {**kwargs, '_float_output': True}
     if name == 'onehot' and num_classes is not None:
       kwargs = {'default_num_classes': num_classes, **kwargs}
     if max_pixels is not None and not _sets(name, 'max_pixels', args, kwargs):
@@ -213,6 +219,42 @@ def get_preprocess_fn(
 
 # --------------------------------------------------------------------------------------------
 # Helpers.
+
+
+# Ops that may give float32 instead of uint8 when the image goes on to value_range, and ops that
+# keep the dtype of the image (their results do not depend on it) in between.
+_FLOAT_OUTPUT_OPS = ('resize', 'resize_small')
+_DTYPE_PRESERVING_OPS = ('central_crop', 'flip_lr', 'random_crop', 'pad')
+
+
+def _image_key(name: str, args: tuple, kwargs: dict) -> str | None:
+  """The example entry an op reads ('image' by default); None for ops with no ``key``."""
+  try:
+    bound = inspect.signature(_REGISTRY[name].factory).bind_partial(*args, **kwargs)
+  except TypeError:  # Bad arguments: the factory's call reports them.
+    return None
+  if 'key' not in inspect.signature(_REGISTRY[name].factory).parameters:
+    return None
+  return bound.arguments.get('key', 'image')
+
+
+def _float_follows(ops: list[tuple[str, tuple, dict]], i: int) -> bool:
+  """Whether op ``i``'s image reaches ``value_range`` through dtype-preserving ops only.
+
+  Then rounding it to uint8 and converting it back to float (``value_range``) is wasted work:
+  op ``i`` gives the same values, rounded and clipped to [0, 255], as float32.
+  """
+  key = _image_key(*ops[i])
+  if key is None:
+    return False
+  for name, args, kwargs in ops[i + 1 :]:
+    if _image_key(name, args, kwargs) != key:
+      return False
+    if name == 'value_range':
+      return True
+    if name not in _DTYPE_PRESERVING_OPS:
+      return False
+  return False
 
 
 def _sets(name: str, parameter: str, args: tuple, kwargs: dict) -> bool:
@@ -274,10 +316,15 @@ def _decode(
   return _to_channels(image, channels)
 
 
-def _restore_dtype(resized: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-  """Resized float values back to the input's dtype (uint8: rounded and clipped)."""
+def _restore_dtype(resized: tf.Tensor, like: tf.Tensor, float_output: bool = False) -> tf.Tensor:
+  """Resized float values back to the input's dtype (uint8: rounded and clipped).
+
+  ``float_output``: uint8 values are rounded and clipped but stay float32 (the same numbers,
+  without the cast there and back when ``value_range`` follows).
+  """
   if like.dtype == tf.uint8:
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    rounded = tf.clip_by_value(tf.round(resized), 0, 255)
+    return rounded if float_output else tf.cast(rounded, tf.uint8)
   return tf.cast(resized, like.dtype)
 
 
@@ -308,18 +355,21 @@ register('rgb')(grey_to_rgb)
 
 
 @image_op('resize')
-def resize(size, method: str = 'bilinear', antialias: bool = False):
+def resize(size, method: str = 'bilinear', antialias: bool = False, *, _float_output=False):
   """Resizes to `size` (int or (h, w)) ignoring aspect ratio; uint8 stays uint8 (rounded)."""
   hw = sizes.pair(size, 'the size of resize')
 
   def fn(image):
-    return _restore_dtype(tf.image.resize(image, hw, method=method, antialias=antialias), image)
+    resized = tf.image.resize(image, hw, method=method, antialias=antialias)
+    return _restore_dtype(resized, image, _float_output)
 
   return fn
 
 
 @image_op('resize_small')
-def resize_small(size: int, method: str = 'bilinear', antialias: bool = False):
+def resize_small(
+  size: int, method: str = 'bilinear', antialias: bool = False, *, _float_output=False
+):
   """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
 
   def fn(image):
@@ -329,7 +379,7 @@ def resize_small(size: int, method: str = 'bilinear', antialias: bool = False):
     new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
     resized = tf.image.resize(image, tf.stack([new_h, new_w]), method=method, antialias=antialias)
-    return _restore_dtype(resized, image)
+    return _restore_dtype(resized, image, _float_output)
 
   return fn
 

@@ -75,16 +75,21 @@ class StreamSplit(base.Split):
 
     return tf.data.Dataset.from_tensor_slices((files, skips, takes, first)).flat_map(one)
 
-  def _parse(self, record, index, position):
-    example = self._info.features.deserialize_example(record, decoders=self._decoders)
+  def load(self, element):
+    """Parses the record (the image stays encoded; the ``decode`` op decodes it)."""
+    example = self._info.features.deserialize_example(element['_record'], decoders=self._decoders)
     return {
       'image': example[self._image_key],
       'label': example[self._label_key],
-      '_index': index,
-      '_position': position,
+      '_index': element['_index'],
+      '_position': element['_position'],
     }
 
-  def train_dataset(self, process_index, process_count, seed, start_position):
+  @staticmethod
+  def _elements(stream: tf.data.Dataset) -> tf.data.Dataset:
+    return stream.map(lambda ri, q: {'_record': ri[0], '_index': ri[1], '_position': q})
+
+  def train_elements(self, process_index, process_count, seed, start_position):
     files, skips, takes, first = self._instructions(process_index, process_count)
     n = int(takes.sum())
     if n == 0:
@@ -130,13 +135,9 @@ class StreamSplit(base.Split):
     stream = tf.data.Dataset.zip(
       stream, tf.data.Dataset.counter(start=start_position, dtype=tf.int64)
     )
-    return stream.map(
-      lambda ri, q: self._parse(ri[0], ri[1], q),
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
-    )
+    return self._elements(stream)
 
-  def eval_dataset(self, process_index, process_count):
+  def eval_elements(self, process_index, process_count):
     files, skips, takes, first = self._instructions(process_index, process_count)
     records = (
       self._read(files, skips, takes, first)
@@ -146,8 +147,4 @@ class StreamSplit(base.Split):
       )
     )
     stream = tf.data.Dataset.zip(records, tf.data.Dataset.counter(dtype=tf.int64))
-    return stream.map(
-      lambda ri, q: self._parse(ri[0], ri[1], q),
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
-    )
+    return self._elements(stream)
