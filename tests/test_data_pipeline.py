@@ -293,7 +293,7 @@ def test_split_streams_load_inside_the_preprocessing_map():
   split = data.sources.open_source(config).split('train')
   element = next(split.train_elements(0, 1, 0, 0).as_numpy_iterator())
   assert set(element) == {'_index', '_position'}
-  loaded = next(split.train_dataset(0, 1, 0, 0).as_numpy_iterator())
+  loaded = next(split.train_elements(0, 1, 0, 0).map(split.load).as_numpy_iterator())
   assert loaded['_index'] == element['_index'] and loaded['image'].shape == (8, 8, 1)
   batch = next(data.local_train_dataset(config, 0, 1, 4, with_ids=True).as_numpy_iterator())
   assert batch['index'][0] == element['_index']

@@ -295,7 +295,6 @@ class Split(abc.ABC):
   preprocessing map (one map per example instead of two): ``train_elements`` /
   ``eval_elements`` give cheap elements (an index and a position, or a raw record), and
   ``load`` turns one into ``{'image', 'label', '_index', '_position'}``.
-  ``train_dataset`` / ``eval_dataset`` are the two stages chained.
   """
 
   num_examples: int
@@ -317,18 +316,6 @@ class Split(abc.ABC):
   @abc.abstractmethod
   def load(self, element) -> dict[str, tf.Tensor]:
     """An element of the two streams above -> ``{'image', 'label', '_index', '_position'}``."""
-
-  def train_dataset(
-    self, process_index: int, process_count: int, seed: int, start_position: int
-  ) -> tf.data.Dataset:
-    """Endless stream of ``{'image', 'label', '_index', '_position'}`` from ``start_position``."""
-    ds = self.train_elements(process_index, process_count, seed, start_position)
-    return ds.map(self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-  def eval_dataset(self, process_index: int, process_count: int) -> tf.data.Dataset:
-    """One pass over this process's part, ``{'image', 'label', '_index', '_position'}``."""
-    ds = self.eval_elements(process_index, process_count)
-    return ds.map(self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def train_indices(self, process_index, process_count, seed, positions) -> np.ndarray | None:
     """Split indices of the examples at ``positions`` of the training stream, if computable."""

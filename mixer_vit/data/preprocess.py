@@ -229,11 +229,12 @@ _DTYPE_PRESERVING_OPS = ('central_crop', 'flip_lr', 'random_crop', 'pad')
 
 def _image_key(name: str, args: tuple, kwargs: dict) -> str | None:
   """The example entry an op reads ('image' by default); None for ops with no ``key``."""
-  try:
-    bound = inspect.signature(_REGISTRY[name].factory).bind_partial(*args, **kwargs)
-  except TypeError:  # Bad arguments: the factory's call reports them.
+  signature = inspect.signature(_REGISTRY[name].factory)
+  if 'key' not in signature.parameters:
     return None
-  if 'key' not in inspect.signature(_REGISTRY[name].factory).parameters:
+  try:
+    bound = signature.bind_partial(*args, **kwargs)
+  except TypeError:  # Bad arguments: the factory's call reports them.
     return None
   return bound.arguments.get('key', 'image')
 

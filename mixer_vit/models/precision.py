@@ -135,15 +135,11 @@ def mixed_conv(compute_dtype: Any) -> Callable[..., jax.Array]:
   def conv(lhs, rhs, *args, preferred_element_type=None, **kwargs):
     del preferred_element_type
 
-    def half(a, b):
-      a, b = _operands(a, b, compute_dtype)
-      out = lax.conv_general_dilated(a, b, *args, preferred_element_type=jnp.float32, **kwargs)
-      return out.astype(compute_dtype)
-
-    @jax.custom_vjp
-    def run(a, b):
+    def product(a, b):
       a, b = _operands(a, b, compute_dtype)
       return lax.conv_general_dilated(a, b, *args, preferred_element_type=jnp.float32, **kwargs)
+
+    run = jax.custom_vjp(product)
 
     def fwd(a, b):
       a_c, b_c = a.astype(compute_dtype), b.astype(compute_dtype)
@@ -151,7 +147,8 @@ def mixed_conv(compute_dtype: Any) -> Callable[..., jax.Array]:
 
     def bwd(residuals, g):
       a_c, b_c, a_dtype, b_dtype = residuals
-      _, vjp = jax.vjp(half, a_c, b_c)
+      # The backward convolutions of a product rounded to `compute_dtype`: half-precision cotangent.
+      _, vjp = jax.vjp(lambda a, b: product(a, b).astype(compute_dtype), a_c, b_c)
       d_a, d_b = vjp(g.astype(compute_dtype))
       return d_a.astype(a_dtype.dtype), d_b.astype(b_dtype.dtype)
 
