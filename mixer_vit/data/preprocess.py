@@ -31,7 +31,8 @@ Ops on other entries (``onehot``, ``keep``) are factories of ``example -> exampl
 registered with ``@register(name)``.
 
 ``resize`` and ``resize_small`` keep the input's dtype (uint8 results are rounded), like
-big_vision's ops. ``inception_crop(size)`` returns float32 values in [0, 255], not rounded back
+big_vision's ops; when ``value_range`` follows through crops, flips or pads only, the rounding
+moves there, onto the pixels that remain (the same values, less work). ``inception_crop(size)`` returns float32 values in [0, 255], not rounded back
 (half again faster on the training path, where the crop is random anyway); ``value_range`` then
 maps either to [-1, 1].
 
@@ -48,6 +49,7 @@ from collections.abc import Callable, Mapping
 import dataclasses
 import functools
 import inspect
+import threading
 from typing import Any
 
 import tensorflow as tf
@@ -196,9 +198,14 @@ def get_preprocess_fn(
   """
   fns = []
   ops = parse(pp)
+  deferred = {}  # value_range's index -> the rounding its resize leaves to it.
   for i, (name, args, kwargs) in enumerate(ops):
-    if name in _FLOAT_OUTPUT_OPS and _float_follows(ops, i):
-      kwargs = {**kwargs, '_float_output': True}
+    target = _float_target(ops, i) if name in _FLOAT_OUTPUT_OPS else None
+    if target is not None:
+      deferred[target] = _DeferredRounding()
+      kwargs = {**kwargs, '_float_output': deferred[target]}
+    if i in deferred:
+      kwargs = {**kwargs, '_rounding': deferred[i]}
     if name == 'onehot' and num_classes is not None:
       kwargs = {'default_num_classes': num_classes, **kwargs}
     if max_pixels is not None and not _sets(name, 'max_pixels', args, kwargs):
@@ -239,23 +246,56 @@ def _image_key(name: str, args: tuple, kwargs: dict) -> str | None:
   return bound.arguments.get('key', 'image')
 
 
-def _float_follows(ops: list[tuple[str, tuple, dict]], i: int) -> bool:
-  """Whether op ``i``'s image reaches ``value_range`` through dtype-preserving ops only.
+def _float_target(ops: list[tuple[str, tuple, dict]], i: int) -> int | None:
+  """The index of the ``value_range`` that op ``i``'s image reaches through dtype-preserving ops.
 
-  Then rounding it to uint8 and converting it back to float (``value_range``) is wasted work:
-  op ``i`` gives the same values, rounded and clipped to [0, 255], as float32.
+  None if there is none. Otherwise rounding op ``i``'s result to uint8 and converting it back to
+  float there is wasted work, and so is rounding the whole resized image when a crop follows:
+  op ``i`` gives float32 and ``value_range`` rounds (and clips) the pixels it keeps, the same
+  values (rounding and clipping commute with crops, flips and pads).
   """
   key = _image_key(*ops[i])
   if key is None:
-    return False
-  for name, args, kwargs in ops[i + 1 :]:
+    return None
+  for j in range(i + 1, len(ops)):
+    name, args, kwargs = ops[j]
     if _image_key(name, args, kwargs) != key:
-      return False
+      return None
     if name == 'value_range':
-      return True
+      return j
     if name not in _DTYPE_PRESERVING_OPS:
-      return False
-  return False
+      return None
+  return None
+
+
+# Resize methods whose output lies within the input's range (non-negative weights): rounding
+# their uint8 results needs no clipping.
+_CONVEX_METHODS = ('bilinear', 'nearest', 'area', 'gaussian')
+
+
+class _DeferredRounding(threading.local):
+  """What a resize leaves to its ``value_range``: set and read, in order, as the ops trace.
+
+  ``mode``: None (the resize's input was not uint8: nothing to do), 'round' or 'round_clip'.
+  Thread-local, so eager calls from several threads do not mix.
+  """
+
+  mode: str | None = None
+
+  def resized(self, resized: tf.Tensor, like: tf.Tensor, method: str) -> tf.Tensor:
+    """A resize's float32 result; records the rounding a uint8 input would have had."""
+    if like.dtype != tf.uint8:
+      self.mode = None
+      return tf.cast(resized, like.dtype)
+    self.mode = 'round' if method in _CONVEX_METHODS else 'round_clip'
+    return resized
+
+  def apply(self, image: tf.Tensor) -> tf.Tensor:
+    mode, self.mode = self.mode, None
+    if mode is None:
+      return image
+    image = tf.round(image)
+    return tf.clip_by_value(image, 0, 255) if mode == 'round_clip' else image
 
 
 def _sets(name: str, parameter: str, args: tuple, kwargs: dict) -> bool:
@@ -317,15 +357,17 @@ def _decode(
   return _to_channels(image, channels)
 
 
-def _restore_dtype(resized: tf.Tensor, like: tf.Tensor, float_output: bool = False) -> tf.Tensor:
+def _restore_dtype(
+  resized: tf.Tensor, like: tf.Tensor, method: str, float_output: _DeferredRounding | None
+) -> tf.Tensor:
   """Resized float values back to the input's dtype (uint8: rounded and clipped).
 
-  ``float_output``: uint8 values are rounded and clipped but stay float32 (the same numbers,
-  without the cast there and back when ``value_range`` follows).
+  ``float_output`` (set when ``value_range`` follows): float32, the rounding left to it.
   """
+  if float_output is not None:
+    return float_output.resized(resized, like, method)
   if like.dtype == tf.uint8:
-    rounded = tf.clip_by_value(tf.round(resized), 0, 255)
-    return rounded if float_output else tf.cast(rounded, tf.uint8)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
   return tf.cast(resized, like.dtype)
 
 
@@ -356,20 +398,20 @@ register('rgb')(grey_to_rgb)
 
 
 @image_op('resize')
-def resize(size, method: str = 'bilinear', antialias: bool = False, *, _float_output=False):
+def resize(size, method: str = 'bilinear', antialias: bool = False, *, _float_output=None):
   """Resizes to `size` (int or (h, w)) ignoring aspect ratio; uint8 stays uint8 (rounded)."""
   hw = sizes.pair(size, 'the size of resize')
 
   def fn(image):
     resized = tf.image.resize(image, hw, method=method, antialias=antialias)
-    return _restore_dtype(resized, image, _float_output)
+    return _restore_dtype(resized, image, method, _float_output)
 
   return fn
 
 
 @image_op('resize_small')
 def resize_small(
-  size: int, method: str = 'bilinear', antialias: bool = False, *, _float_output=False
+  size: int, method: str = 'bilinear', antialias: bool = False, *, _float_output=None
 ):
   """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
 
@@ -380,7 +422,7 @@ def resize_small(
     new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
     new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
     resized = tf.image.resize(image, tf.stack([new_h, new_w]), method=method, antialias=antialias)
-    return _restore_dtype(resized, image, _float_output)
+    return _restore_dtype(resized, image, method, _float_output)
 
   return fn
 
@@ -592,7 +634,14 @@ def randaug(
 
 
 @image_op('value_range')
-def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255):
+def value_range(
+  vmin: float = -1,
+  vmax: float = 1,
+  in_min: float = 0,
+  in_max: float = 255,
+  *,
+  _rounding: _DeferredRounding | None = None,
+):
   """Maps [in_min, in_max] linearly to [vmin, vmax] as float32: default (x - 127.5) / 127.5."""
   if vmax <= vmin or in_max <= in_min:
     raise ValueError(
@@ -600,7 +649,9 @@ def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: fl
     )
   scale = (in_max - in_min) / (vmax - vmin)
   center = in_min - vmin * scale
-  return lambda image: (tf.cast(image, tf.float32) - center) / scale
+  if _rounding is None:
+    return lambda image: (tf.cast(image, tf.float32) - center) / scale
+  return lambda image: (_rounding.apply(tf.cast(image, tf.float32)) - center) / scale
 
 
 @register('onehot')
