@@ -32,9 +32,9 @@ registered with ``@register(name)``.
 
 ``resize`` and ``resize_small`` keep the input's dtype (uint8 results are rounded), like
 big_vision's ops; when ``value_range`` follows through crops, flips or pads only, the rounding
-moves there, onto the pixels that remain (the same values, less work). ``inception_crop(size)`` returns float32 values in [0, 255], not rounded back
-(half again faster on the training path, where the crop is random anyway); ``value_range`` then
-maps either to [-1, 1].
+moves there, onto the pixels that remain (the same values, less work). ``inception_crop(size)``
+returns float32 values in [0, 255], not rounded back (half again faster on the training path,
+where the crop is random anyway); ``value_range`` then maps either to [-1, 1].
 
 The decoding ops (``decode``, ``decode_jpeg_and_inception_crop``) refuse encoded images with more
 than ``max_pixels`` pixels (height x width; default 8000 x 8000, 0: no limit) before decoding
