@@ -45,6 +45,24 @@ def test_mixed_product_and_its_gradients_are_exact_on_bfloat16_numbers(lhs_shape
     np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.parametrize('lhs_shape,rhs_shape,dims', PRODUCTS)
+def test_canonical_dot_equals_dot_general(lhs_shape, rhs_shape, dims):
+  """The layout the CPU path reshapes every half-precision product into gives the same result."""
+  rng = np.random.default_rng(2)
+  lhs, rhs = small_integers(rng, lhs_shape), small_integers(rng, rhs_shape)
+  got = jax.jit(precision.canonical_dot, static_argnums=2)(lhs, rhs, dims)
+  np.testing.assert_array_equal(got, lax.dot_general(lhs, rhs, dims))
+
+
+def test_cpu_bfloat16_detection_can_be_overridden(monkeypatch):
+  for value, expected in (('0', False), ('1', True)):
+    monkeypatch.setenv('MIXER_VIT_CPU_BFLOAT16', value)
+    precision.cpu_multiplies_bfloat16.cache_clear()
+    assert precision.cpu_multiplies_bfloat16() is expected
+  monkeypatch.delenv('MIXER_VIT_CPU_BFLOAT16')
+  precision.cpu_multiplies_bfloat16.cache_clear()
+
+
 def test_mixed_product_rounds_its_operands_to_bfloat16():
   lhs = jnp.array([[1.0 + 2.0**-10]])  # Not a bfloat16 number: rounds to 1.
   out = precision.mixed_dot_general('bfloat16')(lhs, jnp.ones((1, 1)), (((1,), (0,)), ((), ())))
@@ -150,9 +168,13 @@ def test_mixed_precision_keeps_parameters_and_logits(family):
   assert mixed_error < half_error, (mixed_error, half_error)
 
 
-def test_mixed_precision_gradients_match_float32():
-  config, reference = _build('testing')
-  _, mixed = _build('testing', 'bfloat16')
+@pytest.mark.parametrize('family', sorted(MODELS))
+def test_mixed_precision_gradients_match_float32(family):
+  """On CPUs with bfloat16 instructions this compiles every backward product natively in
+  bfloat16 (`precision.canonical_dot`): XLA rejects any product it cannot fuse."""
+  name, overrides = MODELS[family]
+  config, reference = _build(name, **overrides)
+  _, mixed = _build(name, 'bfloat16', **overrides)
   images = jax.random.uniform(jax.random.PRNGKey(0), (4, *config.image_size, 3), minval=-1.0)
   params, _ = _random_params(reference, images)
   loss = lambda model: lambda p: jnp.sum(model.apply({'params': p}, images) ** 2)
@@ -163,4 +185,7 @@ def test_mixed_precision_gradients_match_float32():
   # softmax ignores a shift shared by all keys) and only rounding noise in either precision.
   scale = max(float(jnp.max(jnp.abs(e))) for e in jax.tree.leaves(expected))
   errors = jax.tree.map(lambda g, e: float(jnp.max(jnp.abs(g - e))), got, expected)
-  assert max(jax.tree.leaves(errors)) <= 0.02 * scale, errors
+  # The hybrid's gradients pass through its stem's backward convolutions, each rounding its
+  # result to bfloat16 (`mixed_conv`), before they reach the root: measured 2.1 % there.
+  tolerance = 0.03 if family == 'hybrid' else 0.02
+  assert max(jax.tree.leaves(errors)) <= tolerance * scale, errors

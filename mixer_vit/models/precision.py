@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
+import math
+import os
+import re
 from typing import Any
 
 import jax
@@ -40,22 +43,68 @@ def _free_dims(ndim: int, contracting: Sequence[int], batch: Sequence[int]) -> l
   return [d for d in range(ndim) if d not in contracting and d not in batch]
 
 
-def _operands(lhs, rhs, compute_dtype):
-  """Both operands rounded to `compute_dtype`; on CPU then widened back to float32.
+@functools.cache
+def cpu_multiplies_bfloat16() -> bool:
+  """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16).
 
-  XLA's CPU runtime rejects some half-precision products with float32 results ('Unsupported
-  element type for DotThunk::Execute: BF16 x BF16 = F32', jaxlib 0.10.2), and the AVX2 CPUs this
-  project is developed on have no bfloat16 arithmetic. Rounding then widening gives the same
-  numbers as a half-precision multiply with float32 sums (widening is exact), at float32 speed.
+  XLA's CPU matrix-multiply fusions (YNNPACK) then run bfloat16 products with float32 sums at up
+  to about twice the float32 rate; without them bfloat16 is emulated and slower than float32.
+  ``MIXER_VIT_CPU_BFLOAT16=0`` or ``=1`` overrides the detection (``/proc/cpuinfo``, Linux only).
+  """
+  forced = os.environ.get('MIXER_VIT_CPU_BFLOAT16')
+  if forced is not None:
+    return forced not in ('', '0', 'false', 'False')
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = f.read()
+  except OSError:
+    return False
+  return re.search(r'\b(avx512_bf16|amx_bf16)\b', flags) is not None
+
+
+def _native_on_cpu(compute_dtype) -> bool:
+  return compute_dtype == jnp.bfloat16 and cpu_multiplies_bfloat16()
+
+
+def _operands(lhs, rhs, compute_dtype):
+  """Both operands rounded to `compute_dtype`; on CPUs without its arithmetic widened back.
+
+  Rounding then widening gives the same numbers as a half-precision multiply with float32 sums
+  (widening is exact), at float32 speed, where half precision would only be emulated.
   """
   lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
-  if jax.default_backend() == 'cpu':
+  if jax.default_backend() == 'cpu' and not _native_on_cpu(compute_dtype):
     return lhs.astype(jnp.float32), rhs.astype(jnp.float32)
   return lhs, rhs
 
 
+def canonical_dot(lhs, rhs, dims):
+  """`lax.dot_general(lhs, rhs, dims)` (float32 result) as one (b, m, k) x (b, k, n) product.
+
+  XLA's CPU runtime multiplies bfloat16 into float32 only inside its YNNPACK fusions, which take
+  a row-major (m, k) left and (k, n) right operand; a product it leaves unfused fails ('Unsupported
+  element type for DotThunk::Execute: BF16 x BF16 = F32', jaxlib 0.10.2). The backward products
+  contract over other axes, so the operands are transposed into that layout here and the
+  optimisation barriers keep XLA from folding the transposes (of operands or result) back in.
+  """
+  (lc, rc), (lb, rb) = dims
+  lhs_free, rhs_free = _free_dims(lhs.ndim, lc, lb), _free_dims(rhs.ndim, rc, rb)
+  size = lambda x, axes: math.prod(x.shape[d] for d in axes)
+  b, m, k, n = size(lhs, lb), size(lhs, lhs_free), size(lhs, lc), size(rhs, rhs_free)
+  out_shape = [lhs.shape[d] for d in (*lb, *lhs_free)] + [rhs.shape[d] for d in rhs_free]
+  left = lax.transpose(lhs, (*lb, *lhs_free, *lc)).reshape(b, m, k)
+  right = lax.transpose(rhs, (*rb, *rc, *rhs_free)).reshape(b, k, n)
+  left, right = lax.optimization_barrier((left, right))
+  out = lax.dot_general(
+    left, right, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+  )
+  return lax.optimization_barrier(out).reshape(out_shape)
+
+
 def _matmul(lhs, rhs, dims, compute_dtype):
   lhs, rhs = _operands(lhs, rhs, compute_dtype)
+  if jax.default_backend() == 'cpu' and lhs.dtype != jnp.float32:
+    return canonical_dot(lhs, rhs, dims)
   return lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
