@@ -3,14 +3,16 @@ r"""Pretrains a small ViT (or Mixer) from scratch on the bundled 8x8 digits: no 
   python -m mixer_vit.main --config=configs/digits.py --workdir=workdirs/digits
   python -m mixer_vit.main --config=configs/digits.py:mixer --workdir=workdirs/digits_mixer
 
-Measured on the development machine (2 CPU cores shared with other jobs, JAX on CPU, tcmalloc
-preloaded by main; "training" is the logged wall time from the first step to the end, compilation,
-two evaluations and checkpoints included; set-up before it, mostly imports, takes about 5 s):
-- ViT (4 layers, width 64, 2x2 patches, 1,000 steps of 128): 97.99% test accuracy (293 of 299
-  images), top-5 100%; training 57 s and 59 s at a load average of about 2 (this run included),
-  1m21s-1m35s under a load of 3-5.7 from other jobs. With seed=1: 97.66%.
-- Mixer (4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299); training 1m29s at
-  load ~2-3, 2m36s-2m49s at load ~5.
+Measured on an AMD EPYC with AVX512-BF16 (2 CPU cores, nothing else running, JAX on CPU,
+tcmalloc preloaded by main; "training" is the logged wall time from the first step to the end,
+compilation, two evaluations and checkpoints included; set-up before it, mostly imports, takes
+about 10 s), one run per seed:
+- ViT (4 layers, width 64, 2x2 patches, 1,000 steps of 128, mixup, no dropout): 98.66% test
+  accuracy (295 of 299 images) with seed 0 in 44.8 s of training; SEED1 with seed 1. The
+  recipes issue asks for 98.0% in 60 s with both seeds. The previous recipe (dropout 0.1, no
+  mixup, lr 3e-3) reached 97.66% / 97.32% in 69 s / 55 s on the same machine.
+- Mixer (4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299) in 1m29s at load
+  ~2-3 on an Intel Xeon of an earlier session (its previous recipe; not re-run since).
 The results are deterministic for a given seed and device count.
 """
 
@@ -36,7 +38,7 @@ def get_config(arg=None):
   c.shuffle_buffer = 1498
 
   c.optimizer = 'adamw'
-  c.lr = 3e-3
+  c.lr = 3e-3 if arg.family == 'mixer' else 5e-3
   c.schedule = 'cosine'
   c.warmup_steps = 100
   c.grad_clip_norm = 1.0
@@ -56,9 +58,13 @@ def get_config(arg=None):
     c.model.channels_mlp_dim = 128
     c.weight_decay = 1e-3
     c.total_steps = 1500
-  # 1,498 images overfit quickly: regularise (besides the shifts and label smoothing above).
-  c.model.dropout_rate = 0.1
+  # 1,498 images overfit quickly: regularise (besides the shifts and label smoothing above). For
+  # the ViT mixup instead of dropout: as accurate in the runs measured, and dropout's random bits
+  # cost about a quarter of a step here.
+  c.model.dropout_rate = 0.1 if arg.family == 'mixer' else 0.0
   c.model.stochastic_depth = 0.1
+  if arg.family == 'vit':
+    c.mixup.p, c.mixup.alpha = 0.5, 0.2
 
   c.log_every = 100
   c.eval_every = 500

@@ -48,6 +48,7 @@ OVERRIDES = {
   'log_every': 5,
   'eval_every': 20,
   'checkpoint_every': 20,
+  'model.dropout_rate': 0.1,
   'model.hidden_size': 16,
   'model.transformer.num_layers': 1,
   'model.transformer.mlp_dim': 32,

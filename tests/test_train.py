@@ -49,6 +49,7 @@ def tiny_config(arg=None, **overrides):
   c.model.hidden_size = 32
   c.model.dropout_rate = 0.0
   c.model.stochastic_depth = 0.0
+  c.mixup.p = 0.0
   if c.model_name == 'testing':
     c.model.transformer = {'num_layers': 1, 'mlp_dim': 64, 'num_heads': 2}
   else:
