@@ -16,6 +16,7 @@ TOOLS = (
   'mixer_vit.evaluate',
   'mixer_vit.attention',
   'mixer_vit.benchmark',
+  'mixer_vit.benchmark_vs_original',
   'mixer_vit.checkpoints',
   'mixer_vit.export',
   'mixer_vit.plot',
