@@ -8,8 +8,8 @@ tcmalloc preloaded by main; "training" is the logged wall time from the first st
 compilation, two evaluations and checkpoints included; set-up before it, mostly imports, takes
 about 10 s), one run per seed:
 - ViT (4 layers, width 64, 2x2 patches, 1,000 steps of 128, mixup, no dropout): 98.66% test
-  accuracy (295 of 299 images) with seed 0 in 44.8 s of training; SEED1 with seed 1. The
-  recipes issue asks for 98.0% in 60 s with both seeds. The previous recipe (dropout 0.1, no
+  accuracy (295 of 299 images), top-5 100%, with seed 0 in 44.8 s of training; 97.66% (292 of
+  299) with seed 1 in 61.0 s. The recipes issue asks for 98.0% in 60 s with both seeds. The previous recipe (dropout 0.1, no
   mixup, lr 3e-3) reached 97.66% / 97.32% in 69 s / 55 s on the same machine.
 - Mixer (4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299) in 1m29s at load
   ~2-3 on an Intel Xeon of an earlier session (its previous recipe; not re-run since).
@@ -38,7 +38,6 @@ def get_config(arg=None):
   c.shuffle_buffer = 1498
 
   c.optimizer = 'adamw'
-  c.lr = 3e-3 if arg.family == 'mixer' else 5e-3
   c.schedule = 'cosine'
   c.warmup_steps = 100
   c.grad_clip_norm = 1.0
@@ -49,6 +48,12 @@ def get_config(arg=None):
     c.model.transformer = {'num_layers': 4, 'mlp_dim': 128, 'num_heads': 4}
     c.weight_decay = 1e-4
     c.total_steps = 1000
+    c.lr = 5e-3
+    # 1,498 images overfit quickly: regularise, besides the shifts and label smoothing above.
+    # Mixup rather than dropout: as accurate in the runs measured, and dropout's random bits
+    # cost about a quarter of a step here.
+    c.mixup.p, c.mixup.alpha = 0.5, 0.2
+    c.model.dropout_rate = 0.0
   else:
     c.model_name = 'testing-mixer'
     c.model.patches = {'size': (2, 2)}
@@ -58,13 +63,9 @@ def get_config(arg=None):
     c.model.channels_mlp_dim = 128
     c.weight_decay = 1e-3
     c.total_steps = 1500
-  # 1,498 images overfit quickly: regularise (besides the shifts and label smoothing above). For
-  # the ViT mixup instead of dropout: as accurate in the runs measured, and dropout's random bits
-  # cost about a quarter of a step here.
-  c.model.dropout_rate = 0.1 if arg.family == 'mixer' else 0.0
+    c.lr = 3e-3
+    c.model.dropout_rate = 0.1
   c.model.stochastic_depth = 0.1
-  if arg.family == 'vit':
-    c.mixup.p, c.mixup.alpha = 0.5, 0.2
 
   c.log_every = 100
   c.eval_every = 500
