@@ -54,7 +54,10 @@ def load_original(path: str, name: str, num_classes: int):
 def _step(model, images, labels, train: bool):
   """The shared harness: an AdamW step (train) or the forward pass, jitted."""
   rngs = {'dropout': jax.random.PRNGKey(2)}  # Unused at rate 0; some versions still ask.
-  apply = lambda params: model.apply({'params': params}, images, train=train, rngs=rngs)  # noqa: E731
+
+  def apply(params):
+    return model.apply({'params': params}, images, train=train, rngs=rngs)
+
   if not train:
     return jax.jit(lambda params, opt_state: (apply(params), opt_state)), None
   tx = optax.adamw(1e-3, weight_decay=1e-4)
