@@ -287,7 +287,8 @@ def _vit_count(c, num_classes):
   n = 0
   if c.resnet is not None:
     width = int(64 * c.resnet.width_factor)
-    n += 7 * 7 * 3 * width + 2 * width
+    k = 3 if c.resnet.get('root') == 'conv3' else 7
+    n += k * k * 3 * width + 2 * width
     in_ch = width
     for i, units in enumerate(c.resnet.num_layers):
       f = width * 2**i
@@ -748,6 +749,46 @@ def test_tiny_hybrid_forward_and_token_grid():
   h, w = models.token_grid(config, (40, 56))
   assert inter['encoded'].shape[1] == 1 + h * w == 1 + 5 * 7
   assert models.pixels_per_token(config) == (8, 8)
+
+
+def test_hybrid_conv3_root_keeps_small_images_resolution():
+  resnet_cfg = {'num_layers': (1, 1), 'width_factor': 0.5, 'root': 'conv3'}
+  x = _images((2, 12, 20, 3))
+  model, params = _init('testing', x, resnet=resnet_cfg, patches={'size': 2})
+  assert params['conv_root']['kernel'].shape == (3, 3, 3, 32)
+  config = models.get_model_config('testing', resnet=resnet_cfg, patches={'size': 2})
+  # Only the second stage halves: 12x20 -> 6x10, then 2x2 patches -> 3x5 tokens.
+  assert models.token_grid(config, (12, 20)) == (3, 5)
+  assert models.pixels_per_token(config) == (4, 4)
+  logits, inter = _run(model, params, x, intermediates=True)
+  assert logits.shape == (2, 10)
+  assert inter['encoded'].shape[1] == 1 + 3 * 5
+  sized = models.get_model_config(
+    'testing', resnet=resnet_cfg, patches={'size': 2}, image_size=(12, 20)
+  )
+  assert _vit_count(sized, 10) == sum(p.size for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+  'root,num_layers,size,stride',
+  [('conv7_pool', (2, 2), 4, 8), ('conv3_pool', (1, 1), 8, 4), ('conv3', (1, 1, 1), 8, 4)],
+)
+def test_hybrid_roots_downsampling(root, num_layers, size, stride):
+  """The model's token count is what `token_grid` / `pixels_per_token` compute for each root."""
+  resnet_cfg = {'num_layers': num_layers, 'width_factor': 0.5, 'root': root}
+  x = _images((1, 32, 32, 3))
+  model, params = _init('testing', x, resnet=resnet_cfg, patches={'size': 1}, classifier='gap')
+  _, inter = _run(model, params, x, intermediates=True)
+  assert inter['encoded'].shape[1] == size * size
+  config = models.get_model_config('testing', resnet=resnet_cfg, patches={'size': 1})
+  assert models.token_grid(config, (32, 32)) == (size, size)
+  assert models.pixels_per_token(config) == (stride, stride)
+
+
+def test_hybrid_unknown_root_names_the_choices():
+  x = _images((1, 16, 16, 3))
+  with pytest.raises(ValueError, match="root 'conv5'.*conv3"):
+    _init('testing', x, resnet={'num_layers': (1,), 'width_factor': 0.5, 'root': 'conv5'})
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ names (`augreg.py`), which also set the file's head and resolution.
 
 A config's keys are the module's fields (plus `name`, `family` and `image_size`), so
 `build_model` passes the config through: `patches.size`, `hidden_size`,
-`transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor}` (ViT);
+`transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor, root}` (ViT);
 `num_blocks`, `tokens_mlp_dim`, `channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`,
 `dtype`, `matmul_dtype`, ... (both).
 """
@@ -29,6 +29,7 @@ from mixer_vit.models import augreg
 from mixer_vit.models import common
 from mixer_vit.models import mixer
 from mixer_vit.models import precision
+from mixer_vit.models import resnet
 from mixer_vit.models import vit
 
 # Model family -> its module file (`Model`, and the checkpoint steps models.load_pretrained uses).
@@ -77,7 +78,9 @@ def _vit(
   c.representation_size = None
   c.resnet = None
   if resnet is not None:
-    c.resnet = ml_collections.ConfigDict({'num_layers': tuple(resnet), 'width_factor': 1.0})
+    c.resnet = ml_collections.ConfigDict(
+      {'num_layers': tuple(resnet), 'width_factor': 1.0, 'root': 'conv7_pool'}
+    )
   _options(c, dropout)
   c.attention_dropout_rate = 0.0
   c.attention_impl = 'auto'
@@ -255,16 +258,17 @@ def _flatten_overrides(overrides: dict[str, Any], prefix: str = ''):
 def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
   if value is not None:
     value = dict(value)
-    unknown = set(value) - {'num_layers', 'width_factor'}
+    unknown = set(value) - {'num_layers', 'width_factor', 'root'}
     if unknown or 'num_layers' not in value:
       raise ValueError(
-        'resnet must be None or a dict with num_layers (tuple) and width_factor (float), '
-        f'got {value!r}.'
+        'resnet must be None or a dict with num_layers (tuple), width_factor (float) and '
+        f'optionally root (one of {sorted(resnet.ROOTS)}), got {value!r}.'
       )
     value = ml_collections.ConfigDict(
       {
         'num_layers': tuple(value['num_layers']),
         'width_factor': float(value.get('width_factor', 1.0)),
+        'root': str(value.get('root', 'conv7_pool')),
       }
     )
   with config.unlocked():

@@ -131,33 +131,48 @@ class ResNetStage(nn.Module):
     return x
 
 
+# Root blocks: (kernel, stride, 3x3 stride-2 max-pool after it). 'conv7_pool' is the released
+# hybrids' (4x down-sampling); the 3x3 ones keep more of a small image (CIFAR, MNIST) for the stages:
+# 'conv3_pool' halves it, 'conv3' keeps its resolution (slow: the first stage then runs at full size).
+ROOTS = {'conv7_pool': (7, 2, True), 'conv3_pool': (3, 1, True), 'conv3': (3, 1, False)}
+
+
+def _root(root: str) -> tuple[int, int, bool]:
+  if root not in ROOTS:
+    raise ValueError(f'Unknown resnet root {root!r}; choose one of {sorted(ROOTS)}.')
+  return ROOTS[root]
+
+
 def resnet_stem(
   x,
   *,
   num_layers: Sequence[int],
   width_factor: float,
+  root: str = 'conv7_pool',
   dtype: Dtype,
   param_dtype: Dtype,
   matmul_dtype: Dtype | None = None,
 ):
-  """Root conv + max-pool + stages; call inside the parent's compact method.
+  """Root block (`ROOTS`) + stages; call inside the parent's compact method.
 
   The modules are created in the caller's scope so the parameters sit at the
   top level of the model (`conv_root`, `gn_root`, `block1`, ...), as in the
   released checkpoints.
   """
+  kernel, stride, pool = _root(root)
   width = int(64 * width_factor)
   x = StdConv(
     width,
-    (7, 7),
-    (2, 2),
+    (kernel, kernel),
+    (stride, stride),
     dtype=dtype,
     param_dtype=param_dtype,
     matmul_dtype=matmul_dtype,
     name='conv_root',
   )(x)
   x = nn.relu(_group_norm('gn_root', dtype, param_dtype)(x))
-  x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+  if pool:
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, num_units in enumerate(num_layers):
     x = ResNetStage(
       num_units,
@@ -171,14 +186,19 @@ def resnet_stem(
   return x
 
 
-def stem_stride(num_layers: Sequence[int]) -> int:
-  """Total downsampling of `resnet_stem` (root conv and pool 4x, stages 2x)."""
-  return 4 * 2 ** max(len(num_layers) - 1, 0)
+def _halvings(num_layers: Sequence[int], root: str) -> int:
+  _, stride, pool = _root(root)
+  return (stride == 2) + pool + max(len(num_layers) - 1, 0)
 
 
-def stem_output_size(size: int, num_layers: Sequence[int]) -> int:
+def stem_stride(num_layers: Sequence[int], root: str = 'conv7_pool') -> int:
+  """Total downsampling of `resnet_stem` (the root's, then 2x per stage after the first)."""
+  return 2 ** _halvings(num_layers, root)
+
+
+def stem_output_size(size: int, num_layers: Sequence[int], root: str = 'conv7_pool') -> int:
   """Spatial size after `resnet_stem` ('SAME' padding rounds up)."""
-  for _ in range(2 + max(len(num_layers) - 1, 0)):
+  for _ in range(_halvings(num_layers, root)):
     size = -(-size // 2)
   return size
 
