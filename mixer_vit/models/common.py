@@ -86,7 +86,7 @@ def token_grid(config: Any, image_size: Any = None) -> tuple[int, int]:
   if config.family == 'mixer':
     return -(-h // ph), -(-w // pw)
   if config.resnet is not None:
-    root = config.resnet.get('root', 'conv7_pool')
+    root = config.resnet.get('root', resnet.DEFAULT_ROOT)
     h = resnet.stem_output_size(h, config.resnet.num_layers, root)
     w = resnet.stem_output_size(w, config.resnet.num_layers, root)
   return h // ph, w // pw
@@ -97,7 +97,9 @@ def pixels_per_token(config: Any) -> tuple[int, int]:
   ph, pw = sizes.pair(config.patches.size, 'patches.size')
   if config.family == 'mixer' or config.resnet is None:
     return ph, pw
-  stride = resnet.stem_stride(config.resnet.num_layers, config.resnet.get('root', 'conv7_pool'))
+  stride = resnet.stem_stride(
+    config.resnet.num_layers, config.resnet.get('root', resnet.DEFAULT_ROOT)
+  )
   return ph * stride, pw * stride
 
 

@@ -78,9 +78,7 @@ def _vit(
   c.representation_size = None
   c.resnet = None
   if resnet is not None:
-    c.resnet = ml_collections.ConfigDict(
-      {'num_layers': tuple(resnet), 'width_factor': 1.0, 'root': 'conv7_pool'}
-    )
+    _set_resnet(c, {'num_layers': resnet})
   _options(c, dropout)
   c.attention_dropout_rate = 0.0
   c.attention_impl = 'auto'
@@ -268,7 +266,7 @@ def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
       {
         'num_layers': tuple(value['num_layers']),
         'width_factor': float(value.get('width_factor', 1.0)),
-        'root': str(value.get('root', 'conv7_pool')),
+        'root': str(value.get('root', resnet.DEFAULT_ROOT)),
       }
     )
   with config.unlocked():

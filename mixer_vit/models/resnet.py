@@ -135,6 +135,7 @@ class ResNetStage(nn.Module):
 # hybrids' (4x down-sampling); the 3x3 ones keep more of a small image (CIFAR, MNIST) for the stages:
 # 'conv3_pool' halves it, 'conv3' keeps its resolution (slow: the first stage then runs at full size).
 ROOTS = {'conv7_pool': (7, 2, True), 'conv3_pool': (3, 1, True), 'conv3': (3, 1, False)}
+DEFAULT_ROOT = 'conv7_pool'
 
 
 def _root(root: str) -> tuple[int, int, bool]:
@@ -148,7 +149,7 @@ def resnet_stem(
   *,
   num_layers: Sequence[int],
   width_factor: float,
-  root: str = 'conv7_pool',
+  root: str = DEFAULT_ROOT,
   dtype: Dtype,
   param_dtype: Dtype,
   matmul_dtype: Dtype | None = None,
@@ -191,12 +192,12 @@ def _halvings(num_layers: Sequence[int], root: str) -> int:
   return (stride == 2) + pool + max(len(num_layers) - 1, 0)
 
 
-def stem_stride(num_layers: Sequence[int], root: str = 'conv7_pool') -> int:
+def stem_stride(num_layers: Sequence[int], root: str = DEFAULT_ROOT) -> int:
   """Total downsampling of `resnet_stem` (the root's, then 2x per stage after the first)."""
   return 2 ** _halvings(num_layers, root)
 
 
-def stem_output_size(size: int, num_layers: Sequence[int], root: str = 'conv7_pool') -> int:
+def stem_output_size(size: int, num_layers: Sequence[int], root: str = DEFAULT_ROOT) -> int:
   """Spatial size after `resnet_stem` ('SAME' padding rounds up)."""
   for _ in range(_halvings(num_layers, root)):
     size = -(-size // 2)

@@ -368,7 +368,7 @@ class VisionTransformer(nn.Module):
         x,
         num_layers=tuple(self.resnet['num_layers']),
         width_factor=self.resnet.get('width_factor', 1.0),
-        root=self.resnet.get('root', 'conv7_pool'),
+        root=self.resnet.get('root', resnet.DEFAULT_ROOT),
         dtype=dtype,
         param_dtype=param_dtype,
         matmul_dtype=matmul_dtype,
