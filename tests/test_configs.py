@@ -79,6 +79,7 @@ def test_every_config_file_documents_a_command():
     ('finetune', 'Mixer-B_16,cifar10'),
     ('finetune', 'ViT-B_16,imagenet2012'),
     ('digits', 'vit'),
+    ('digits', 'hybrid'),
     ('digits', None),
     ('augreg', None),
   ]
@@ -177,7 +178,7 @@ def test_augreg_levels_follow_big_vision():
 def test_bad_config_args_fail_clearly():
   with pytest.raises(ValueError, match='unknown name'):
     _load('pretrain').get_config('ViT-B_16,cifar10,epochs=3')
-  with pytest.raises(ValueError, match="'vit' or 'mixer'"):
+  with pytest.raises(ValueError, match="'hybrid', 'vit' or 'mixer'"):
     _load('digits').get_config('resnet')
   with pytest.raises(Exception, match='NoSuchModel'):
     _load('finetune').get_config('NoSuchModel,cifar10')

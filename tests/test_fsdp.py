@@ -254,7 +254,7 @@ def test_dry_run_prints_the_memory_and_writes_nothing(tmp_path):
       sys.executable,
       '-m',
       'mixer_vit.main',
-      '--config=configs/digits.py',
+      '--config=configs/digits.py:vit',
       f'--workdir={workdir}',
       '--dry_run',
       '--config.mesh.fsdp=8',

@@ -71,7 +71,7 @@ NOISE_ONLY = ('key/bias',)
 
 
 def _config():
-  config = config_utils.load_config(f'{REPO}/configs/digits.py')
+  config = config_utils.load_config(f'{REPO}/configs/digits.py:vit')
   for key, value in OVERRIDES.items():
     *parents, name = key.split('.')
     node = config
@@ -145,7 +145,7 @@ class _TwoProcesses:
       '-m',
       'mixer_vit.main',
       '--multihost',
-      f'--config={REPO}/configs/digits.py',
+      f'--config={REPO}/configs/digits.py:vit',
       f'--workdir={workdir}',
       *flags,
     ]

@@ -278,7 +278,7 @@ def test_a_damaged_npz_is_a_value_error_naming_it(tmp_path):
 
 def cli_overrides(config) -> list[str]:
   """``--config.KEY=VALUE`` for every key where ``config`` differs from configs/digits.py."""
-  digits = config_utils.load_config(f'{REPO}/configs/digits.py')
+  digits = config_utils.load_config(f'{REPO}/configs/digits.py:vit')
   changes = workdir_lib.config_changes(
     json.loads(config_utils.to_json(digits)), json.loads(config_utils.to_json(config))
   )
@@ -299,7 +299,13 @@ class Launch:
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
     )
     self.process = subprocess.Popen(
-      [sys.executable, '-m', 'mixer_vit.main', '--config=configs/digits.py', f'--workdir={workdir}']
+      [
+        sys.executable,
+        '-m',
+        'mixer_vit.main',
+        '--config=configs/digits.py:vit',
+        f'--workdir={workdir}',
+      ]
       + args,
       cwd=REPO,
       env=env,

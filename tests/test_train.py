@@ -40,9 +40,9 @@ def compilation_cache_for_repeated_runs(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def tiny_config(arg=None, **overrides):
-  """configs/digits.py with a one-layer model, no augmentation and short intervals: seconds per
-  run."""
+def tiny_config(arg='vit', **overrides):
+  """configs/digits.py's plain ViT (or ``arg``'s model) with one layer, no augmentation and
+  short intervals: seconds per run."""
   c = config_utils.load_config_module(CONFIG_DIR / 'digits.py').get_config(arg)
   c.pp_train = 'decode|value_range(-1,1)|onehot'
   c.pp_test = 'decode|value_range(-1,1)|onehot'
@@ -261,9 +261,12 @@ def test_mixed_precision_learns_as_float32_does_and_writes_float32_params(digits
   assert shapes(params) == shapes(reference)
 
 
-@pytest.mark.parametrize('arg,dtype', [('mixer', 'float32'), ('vit', 'bfloat16')])
-def test_mixer_and_bfloat16_compute_train(arg, dtype, tmp_path):
+@pytest.mark.parametrize(
+  'arg,dtype', [('mixer', 'float32'), ('hybrid', 'float32'), ('vit', 'bfloat16')]
+)
+def test_mixer_hybrid_and_bfloat16_compute_train(arg, dtype, tmp_path):
   result = train.train_and_evaluate(tiny_config(arg, total_steps=3, dtype=dtype), str(tmp_path))
   assert result['step'] == 3 and np.isfinite(result['loss'])
   params = params_io.load_npz(str(tmp_path / 'params.npz'))
   assert {v.dtype for v in flat(params).values()} == {np.dtype('float32')}  # Parameters stay f32.
+  assert any('conv_root' in name for name in flat(params)) == (arg == 'hybrid')
