@@ -85,7 +85,9 @@ def compare(original, ours, batch: int, train: bool, rounds: int, resolution: in
     runners[tag] = {'count': sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))}
     fn, tx = _step(model, images, labels, train)
     state = (params, tx.init(params) if tx else None)
-    state = jax.block_until_ready(fn(*state))  # Compiles; the warm-up.
+    out = jax.block_until_ready(fn(*state))  # Compiles; the warm-up.
+    if train:  # The step donated the old state; inference keeps its parameters.
+      state = out
     runners[tag].update(fn=fn, state=state, times=[])
   if runners['original']['count'] != runners['ours']['count']:
     raise ValueError(

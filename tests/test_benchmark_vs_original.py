@@ -42,10 +42,11 @@ def clean_modules(monkeypatch):
     del sys.modules[name]
 
 
-def test_times_both_models_in_one_harness(tmp_path, clean_modules):
+@pytest.mark.parametrize('train', [True, False])
+def test_times_both_models_in_one_harness(tmp_path, clean_modules, train):
   original = vs.load_original(_fake_checkout(tmp_path, 32), 'testing', 10)
   ours = models.build_model(models.get_model_config('testing', num_classes=10))
-  result = vs.compare(original, ours, batch=4, train=True, rounds=2, resolution=32)
+  result = vs.compare(original, ours, batch=4, train=train, rounds=2, resolution=32)
   assert result['parameters'] > 0
   assert set(result['images_per_second']) == {'original', 'ours'}
   assert all(s > 0 for s in result['seconds'].values())

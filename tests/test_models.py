@@ -785,6 +785,27 @@ def test_hybrid_roots_downsampling(root, num_layers, size, stride):
   assert models.pixels_per_token(config) == (stride, stride)
 
 
+def test_hybrid_num_groups_changes_normalisation_not_parameters():
+  """`resnet.num_groups` keeps the parameter tree (released files still load) but not the outputs."""
+  x = _images((2, 16, 16, 3))
+  base = {'num_layers': (1,), 'width_factor': 0.5, 'root': 'conv3_pool'}
+  model32, params = _init('testing', x, resnet=base, patches={'size': 2})
+  model8, params8 = _init('testing', x, resnet={**base, 'num_groups': 8}, patches={'size': 2})
+  default, _ = _init('testing', x, resnet={**base, 'num_groups': 32}, patches={'size': 2})
+  shapes = lambda p: jax.tree.map(jnp.shape, p)  # noqa: E731
+  assert shapes(params8) == shapes(params)
+  logits32 = _run(model32, params, x)
+  np.testing.assert_array_equal(_run(default, params, x), logits32)
+  assert not np.allclose(_run(model8, params, x), logits32, atol=1e-3)
+  assert models.get_model_config('testing', resnet=base).resnet.num_groups == 32
+
+
+def test_hybrid_num_groups_must_divide_the_root_width():
+  x = _images((1, 16, 16, 3))
+  with pytest.raises(ValueError, match=r'resnet.num_groups=12 must divide the root width 32'):
+    _init('testing', x, resnet={'num_layers': (1,), 'width_factor': 0.5, 'num_groups': 12})
+
+
 def test_hybrid_unknown_root_names_the_choices():
   x = _images((1, 16, 16, 3))
   with pytest.raises(ValueError, match="root 'conv5'.*conv3"):

@@ -11,7 +11,7 @@ names (`augreg.py`), which also set the file's head and resolution.
 
 A config's keys are the module's fields (plus `name`, `family` and `image_size`), so
 `build_model` passes the config through: `patches.size`, `hidden_size`,
-`transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor, root}` (ViT);
+`transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor, root, num_groups}` (ViT);
 `num_blocks`, `tokens_mlp_dim`, `channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`,
 `dtype`, `matmul_dtype`, ... (both).
 """
@@ -256,17 +256,19 @@ def _flatten_overrides(overrides: dict[str, Any], prefix: str = ''):
 def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
   if value is not None:
     value = dict(value)
-    unknown = set(value) - {'num_layers', 'width_factor', 'root'}
+    unknown = set(value) - {'num_layers', 'width_factor', 'root', 'num_groups'}
     if unknown or 'num_layers' not in value:
       raise ValueError(
         'resnet must be None or a dict with num_layers (tuple), width_factor (float) and '
-        f'optionally root (one of {sorted(resnet.ROOTS)}), got {value!r}.'
+        f'optionally root (one of {sorted(resnet.ROOTS)}) and num_groups (int, GroupNorm '
+        f'groups, default {resnet.DEFAULT_NUM_GROUPS}), got {value!r}.'
       )
     value = ml_collections.ConfigDict(
       {
         'num_layers': tuple(value['num_layers']),
         'width_factor': float(value.get('width_factor', 1.0)),
         'root': str(value.get('root', resnet.DEFAULT_ROOT)),
+        'num_groups': int(value.get('num_groups', resnet.DEFAULT_NUM_GROUPS)),
       }
     )
   with config.unlocked():

@@ -1,7 +1,7 @@
 """BiT-style ResNet v1.5 stem for the R+ViT hybrids.
 
-Weight-standardised convolutions followed by GroupNorm (32 groups), bottleneck
-units. Module names (`conv_root`, `gn_root`, `block1/unit1/conv1`, `gn1`, ...,
+Weight-standardised convolutions followed by GroupNorm (32 groups in the released
+hybrids; `num_groups` for narrow stems), bottleneck units. Module names (`conv_root`, `gn_root`, `block1/unit1/conv1`, `gn1`, ...,
 `conv_proj`, `gn_proj`) are those of the released hybrid checkpoints;
 `fix_group_norm` adapts the GroupNorm shapes of older hybrid files.
 """
@@ -25,6 +25,7 @@ Dtype = Any
 # Numerics of the released hybrids: weights standardised with eps added to the
 # standard deviation; flax GroupNorm defaults (32 groups, eps 1e-6).
 WS_EPSILON = 1e-5
+DEFAULT_NUM_GROUPS = 32
 
 
 def standardize(w: jax.Array, axis=(0, 1, 2), eps: float = WS_EPSILON):
@@ -64,9 +65,9 @@ class StdConv(nn.Module):
     )
 
 
-def _group_norm(name, dtype, param_dtype, **kw):
+def _group_norm(name, dtype, param_dtype, num_groups, **kw):
   return nn.GroupNorm(
-    num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name, **kw
+    num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name, **kw
   )
 
 
@@ -75,6 +76,7 @@ class ResidualUnit(nn.Module):
 
   features: int
   strides: tuple[int, int] = (1, 1)
+  num_groups: int = DEFAULT_NUM_GROUPS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None
@@ -91,7 +93,7 @@ class ResidualUnit(nn.Module):
       name=name,
     )
     gn = lambda name, **kw: _group_norm(  # noqa: E731
-      name, self.dtype, self.param_dtype, **kw
+      name, self.dtype, self.param_dtype, self.num_groups, **kw
     )
 
     residual = x
@@ -113,6 +115,7 @@ class ResNetStage(nn.Module):
   num_units: int
   features: int
   first_stride: tuple[int, int]
+  num_groups: int = DEFAULT_NUM_GROUPS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None
@@ -123,6 +126,7 @@ class ResNetStage(nn.Module):
       x = ResidualUnit(
         self.features,
         self.first_stride if i == 0 else (1, 1),
+        num_groups=self.num_groups,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         matmul_dtype=self.matmul_dtype,
@@ -150,6 +154,7 @@ def resnet_stem(
   num_layers: Sequence[int],
   width_factor: float,
   root: str = DEFAULT_ROOT,
+  num_groups: int = DEFAULT_NUM_GROUPS,
   dtype: Dtype,
   param_dtype: Dtype,
   matmul_dtype: Dtype | None = None,
@@ -162,6 +167,7 @@ def resnet_stem(
   """
   kernel, stride, pool = _root(root)
   width = int(64 * width_factor)
+  check_num_groups(num_groups, width)
   x = StdConv(
     width,
     (kernel, kernel),
@@ -171,7 +177,7 @@ def resnet_stem(
     matmul_dtype=matmul_dtype,
     name='conv_root',
   )(x)
-  x = nn.relu(_group_norm('gn_root', dtype, param_dtype)(x))
+  x = nn.relu(_group_norm('gn_root', dtype, param_dtype, num_groups)(x))
   if pool:
     x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, num_units in enumerate(num_layers):
@@ -179,12 +185,22 @@ def resnet_stem(
       num_units,
       width * 2**i,
       (1, 1) if i == 0 else (2, 2),
+      num_groups=num_groups,
       dtype=dtype,
       param_dtype=param_dtype,
       matmul_dtype=matmul_dtype,
       name=f'block{i + 1}',
     )(x)
   return x
+
+
+def check_num_groups(num_groups: int, width: int) -> None:
+  """Every GroupNorm of the stem splits its channels (multiples of the root's `width`) evenly."""
+  if num_groups < 1 or width % num_groups:
+    raise ValueError(
+      f'resnet.num_groups={num_groups} must divide the root width {width} (64 x width_factor); '
+      f'pick a divisor of {width}, or a larger width_factor.'
+    )
 
 
 def _halvings(num_layers: Sequence[int], root: str) -> int:

@@ -9,7 +9,8 @@ residual blocks.
 
 The module's fields are the model config's keys (vit_jax layout): `patches={'size': (16, 16)}`,
 `transformer={'num_layers': 12, 'mlp_dim': 3072, 'num_heads': 12}`, `resnet=None` or
-`{'num_layers': (3, 4, 9), 'width_factor': 1.0}` (optional `'root'`: `resnet.ROOTS`), ...
+`{'num_layers': (3, 4, 9), 'width_factor': 1.0}` (optional `'root'`: `resnet.ROOTS`, and
+`'num_groups'`, GroupNorm's groups, 32), ...
 
 The second half adapts checkpoints to the model (used by `models.load_pretrained` /
 `load_params`): position embeddings resized to a new grid, the class token, pre_logits and MAP
@@ -369,6 +370,7 @@ class VisionTransformer(nn.Module):
         num_layers=tuple(self.resnet['num_layers']),
         width_factor=self.resnet.get('width_factor', 1.0),
         root=self.resnet.get('root', resnet.DEFAULT_ROOT),
+        num_groups=self.resnet.get('num_groups', resnet.DEFAULT_NUM_GROUPS),
         dtype=dtype,
         param_dtype=param_dtype,
         matmul_dtype=matmul_dtype,
