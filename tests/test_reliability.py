@@ -277,7 +277,7 @@ def test_a_damaged_npz_is_a_value_error_naming_it(tmp_path):
 
 
 def cli_overrides(config) -> list[str]:
-  """``--config.KEY=VALUE`` for every key where ``config`` differs from configs/digits.py."""
+  """``--config.KEY=VALUE`` for every key where ``config`` differs from configs/digits.py:vit."""
   digits = config_utils.load_config(f'{REPO}/configs/digits.py:vit')
   changes = workdir_lib.config_changes(
     json.loads(config_utils.to_json(digits)), json.loads(config_utils.to_json(config))

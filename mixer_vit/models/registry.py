@@ -11,9 +11,9 @@ names (`augreg.py`), which also set the file's head and resolution.
 
 A config's keys are the module's fields (plus `name`, `family` and `image_size`), so
 `build_model` passes the config through: `patches.size`, `hidden_size`,
-`transformer.{num_layers, mlp_dim, num_heads}`, `resnet.{num_layers, width_factor, root, num_groups}` (ViT);
-`num_blocks`, `tokens_mlp_dim`, `channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`,
-`dtype`, `matmul_dtype`, ... (both).
+`transformer.{num_layers, mlp_dim, num_heads}`,
+`resnet.{num_layers, width_factor, root, num_groups}` (ViT); `num_blocks`, `tokens_mlp_dim`,
+`channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`, `dtype`, `matmul_dtype`, ... (both).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """BiT-style ResNet v1.5 stem for the R+ViT hybrids.
 
 Weight-standardised convolutions followed by GroupNorm (32 groups in the released
-hybrids; `num_groups` for narrow stems), bottleneck units. Module names (`conv_root`, `gn_root`, `block1/unit1/conv1`, `gn1`, ...,
-`conv_proj`, `gn_proj`) are those of the released hybrid checkpoints;
-`fix_group_norm` adapts the GroupNorm shapes of older hybrid files.
+hybrids; `num_groups` for narrow stems), bottleneck units. Module names (`conv_root`,
+`gn_root`, `block1/unit1/conv1`, `gn1`, ..., `conv_proj`, `gn_proj`) are those of the
+released hybrid checkpoints; `fix_group_norm` adapts the GroupNorm shapes of older hybrid files.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def resnet_stem(
   """
   kernel, stride, pool = _root(root)
   width = int(64 * width_factor)
-  check_num_groups(num_groups, width)
+  _check_num_groups(num_groups, width)
   x = StdConv(
     width,
     (kernel, kernel),
@@ -194,7 +194,7 @@ def resnet_stem(
   return x
 
 
-def check_num_groups(num_groups: int, width: int) -> None:
+def _check_num_groups(num_groups: int, width: int) -> None:
   """Every GroupNorm of the stem splits its channels (multiples of the root's `width`) evenly."""
   if num_groups < 1 or width % num_groups:
     raise ValueError(
