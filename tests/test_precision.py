@@ -112,14 +112,17 @@ def test_mixed_convolution_on_cpu_is_an_exact_patch_matmul(side, size, stride, p
     np.testing.assert_array_equal(g, e)
 
 
-def test_mixed_convolution_falls_back_to_xla_and_rounds_its_backward_results():
-  """Dilated (or grouped, or large-kernel) convolutions stay XLA's: the backward convolutions
+@pytest.mark.parametrize(
+  'options,kernel_shape',
+  [({'rhs_dilation': (2, 2)}, (3, 3, 4, 4)), ({'feature_group_count': 2}, (3, 3, 2, 4))],
+)
+def test_mixed_convolution_falls_back_to_xla_and_rounds_its_backward_results(options, kernel_shape):
+  """Dilated and grouped (and large-kernel) convolutions stay XLA's: the backward convolutions
   round their results to bfloat16 (8 significant bits)."""
   rng = np.random.default_rng(1)
-  images, kernel = small_integers(rng, (2, 6, 6, 3)), small_integers(rng, (3, 3, 3, 4))
-  dilated = dict(rhs_dilation=(2, 2))
-  expected_conv = _conv(lax.conv_general_dilated, 1, 'SAME', **dilated)
-  mixed_conv = _conv(precision.mixed_conv('bfloat16'), 1, 'SAME', **dilated)
+  images, kernel = small_integers(rng, (2, 6, 6, 4)), small_integers(rng, kernel_shape)
+  expected_conv = _conv(lax.conv_general_dilated, 1, 'SAME', **options)
+  mixed_conv = _conv(precision.mixed_conv('bfloat16'), 1, 'SAME', **options)
   assert 'conv_general_dilated' in str(jax.make_jaxpr(mixed_conv)(images, kernel))
   weights = small_integers(rng, (2, 6, 6, 4))
   expected = _conv_and_grads(expected_conv, images, kernel, weights)

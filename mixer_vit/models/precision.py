@@ -220,17 +220,23 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, compute_dtype):
   return _mixed_dot(patches, kernel, (((3,), (0,)), ((), ())), compute_dtype)
 
 
+def _is_one(value) -> bool:
+  return value is None or all(int(v) == 1 for v in np.atleast_1d(value))
+
+
 def _matmul_conv_applies(lhs, rhs, padding, dimension_numbers=None, **options) -> bool:
   """CPU, a plain 2-D NHWC x HWIO convolution (no dilation or groups), a small kernel."""
   if jax.default_backend() != 'cpu' or lhs.ndim != 4 or dimension_numbers is None:
     return False
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
     return False
+  if isinstance(padding, str) and padding not in ('SAME', 'VALID'):
+    return False
   plain = all(
-    options.get(name) in (None, 1) or tuple(options.get(name)) == (1, 1)
+    _is_one(options.get(name))
     for name in ('lhs_dilation', 'rhs_dilation', 'feature_group_count', 'batch_group_count')
   )
-  return plain and rhs.shape[0] * rhs.shape[1] <= _MAX_MATMUL_TAPS and padding is not None
+  return plain and rhs.shape[0] * rhs.shape[1] <= _MAX_MATMUL_TAPS
 
 
 def mixed_conv(compute_dtype: Any) -> Callable[..., jax.Array]:
