@@ -14,8 +14,9 @@ Measured ("training" is the logged time from the first step to the end, evaluati
 checkpoints included; tcmalloc preloaded, 1 device), 8 epochs (3,750 steps of 128, the default):
 - AMD EPYC with AVX512-BF16, 2 cores, one run per seed, nothing else running (the hypervisor
   stole up to 20 % of the cores at times): seed 0 **99.33 %** (9,933 of 10,000) in 14m20s;
-  seed 1 **99.45 %** in 16m06s. With ``--config.matmul_dtype=bfloat16`` (seed 0): 99.15 % in
-  11m32s, below the float32 run, so the recipe stays float32.
+  seed 1 **99.45 %** in 16m06s. With ``--config.matmul_dtype=bfloat16`` (seed 0, before
+  mixed convolutions ran as matrix multiplies): 99.15 % in 11m32s, below the float32 run, so the
+  recipe stays float32.
 - Intel Xeon of an earlier session: 99.39 % with seed 0 (34m29s, three other jobs sharing the
   cores) and with seed 1 (25m54s, quiet).
 """

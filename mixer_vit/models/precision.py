@@ -178,16 +178,6 @@ _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 _MAX_MATMUL_TAPS = 49
 
 
-def _explicit_padding(padding, size, kernel, stride) -> tuple[int, int]:
-  if padding == 'VALID':
-    return 0, 0
-  if padding == 'SAME':
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-  return tuple(int(p) for p in padding)
-
-
 def conv_as_matmul(lhs, rhs, window_strides, padding, compute_dtype):
   """An NHWC x HWIO convolution as one matrix multiply of its patches with the kernel.
 
@@ -196,10 +186,10 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, compute_dtype):
   backward multiplies run on `compute_dtype` operands with float32 sums.
   """
   kh, kw, cin, cout = rhs.shape
-  (sh, sw), h, w = window_strides, lhs.shape[1], lhs.shape[2]
-  pad_h = _explicit_padding(padding if isinstance(padding, str) else padding[0], h, kh, sh)
-  pad_w = _explicit_padding(padding if isinstance(padding, str) else padding[1], w, kw, sw)
-  x = jnp.pad(lhs, ((0, 0), pad_h, pad_w, (0, 0)))
+  sh, sw = window_strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (sh, sw), padding)
+  x = jnp.pad(lhs, ((0, 0), *(tuple(p) for p in padding), (0, 0)))
   oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
   if (kh, kw) == (sh, sw):
     x = x[:, : oh * kh, : ow * kw].reshape(x.shape[0], oh, kh, ow, kw, cin)
