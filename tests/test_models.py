@@ -858,3 +858,23 @@ def test_auto_attention_is_the_backend_choice():
   out_auto = _run(model, params, images)
   explicit = model.clone(attention_impl='explicit' if expected == 'explicit' else 'xla')
   np.testing.assert_array_equal(out_auto, _run(explicit, params, images))
+
+
+def test_attention_softmax_equals_jax_and_differentiates_the_same():
+  """`vit.softmax` gives jax.nn.softmax's numbers; its gradient rule is the textbook one."""
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 7)) * 4
+  np.testing.assert_array_equal(vit.softmax(logits), jax.nn.softmax(logits, axis=-1))
+  weights = jax.random.normal(jax.random.PRNGKey(1), logits.shape)
+  grad = lambda fn: jax.grad(lambda x: jnp.sum(fn(x) * weights))(logits)  # noqa: E731
+  np.testing.assert_allclose(
+    grad(vit.softmax), grad(lambda x: jax.nn.softmax(x, axis=-1)), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_mlp_gelu_equals_flax_and_differentiates_the_same():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 9)) * 3
+  np.testing.assert_array_equal(common.gelu(x), nn.gelu(x, approximate=True))
+  grad = lambda fn: jax.grad(lambda v: jnp.sum(jnp.sin(fn(v))))(x)  # noqa: E731
+  np.testing.assert_allclose(
+    grad(common.gelu), grad(functools.partial(nn.gelu, approximate=True)), rtol=1e-6
+  )

@@ -55,6 +55,37 @@ def test_canonical_dot_equals_dot_general(lhs_shape, rhs_shape, dims):
   np.testing.assert_array_equal(got, lax.dot_general(lhs, rhs, dims))
 
 
+def _transposed_inputs(fn, *args):
+  """Which of `fn`'s arguments its jaxpr transposes (moving a dimension of size > 1)."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  moved = set()
+  for eqn in jaxpr.eqns:
+    perm = [d for d in eqn.params.get('permutation', ()) if eqn.invars[0].aval.shape[d] > 1]
+    if eqn.primitive.name == 'transpose' and perm != sorted(perm) and eqn.invars[0] in jaxpr.invars:
+      moved.add(jaxpr.invars.index(eqn.invars[0]))
+  return moved
+
+
+def test_canonical_dot_moves_the_narrower_operand():
+  """A weight gradient g^T x contracts both operands' first axis, so one of them is transposed:
+  the narrower one (x, 8 wide, not g, 32 wide), the small result transposed back instead; with
+  equal widths `move_rhs_on_ties` moves the layer's input x (shared by query, key and value)."""
+  g, x, wide_x = jnp.zeros((64, 32)), jnp.zeros((64, 8)), jnp.zeros((64, 32))
+  dims = (((0,), (0,)), ((), ()))
+  assert _transposed_inputs(lambda a, b: precision.canonical_dot(a, b, dims), g, x) == {1}
+  assert _transposed_inputs(lambda a, b: precision.canonical_dot(a, b, dims), g, wide_x) == {0}
+  tie = lambda a, b: precision.canonical_dot(a, b, dims, move_rhs_on_ties=True)  # noqa: E731
+  assert _transposed_inputs(tie, g, wide_x) == {1}
+  # A dense layer's forward product moves nothing.
+  dense = (((1,), (0,)), ((), ()))
+  assert not _transposed_inputs(lambda a, b: precision.canonical_dot(a, b, dense), x[:5], g[:8])
+  for a, b_, d in ((g, x, dims), (g, wide_x, dims), (x[:5], g[:8], dense)):
+    a, b_ = jnp.arange(a.size, dtype=jnp.float32).reshape(a.shape) % 7, b_ + 1
+    np.testing.assert_array_equal(
+      precision.canonical_dot(a, b_, d, move_rhs_on_ties=True), lax.dot_general(a, b_, d)
+    )
+
+
 def test_cpu_bfloat16_detection_can_be_overridden(monkeypatch):
   for value, expected in (('0', False), ('1', True)):
     monkeypatch.setenv('MIXER_VIT_CPU_BFLOAT16', value)
@@ -80,6 +111,7 @@ CONVOLUTIONS = [
   (8, 4, 4, 'VALID'),
   (9, 2, 2, 'VALID'),
   (8, 3, 1, ((1, 1), (2, 0))),
+  (17, 8, 8, 'VALID'),  # 64 taps: larger than other kernels may be, but a reshape.
 ]
 
 
@@ -114,7 +146,11 @@ def test_mixed_convolution_on_cpu_is_an_exact_patch_matmul(side, size, stride, p
 
 @pytest.mark.parametrize(
   'options,kernel_shape',
-  [({'rhs_dilation': (2, 2)}, (3, 3, 4, 4)), ({'feature_group_count': 2}, (3, 3, 2, 4))],
+  [
+    ({'rhs_dilation': (2, 2)}, (3, 3, 4, 4)),
+    ({'feature_group_count': 2}, (3, 3, 2, 4)),
+    ({}, (8, 8, 4, 4)),  # 64 taps at stride 1: too many copies of the image.
+  ],
 )
 def test_mixed_convolution_falls_back_to_xla_and_rounds_its_backward_results(options, kernel_shape):
   """Dilated and grouped (and large-kernel) convolutions stay XLA's: the backward convolutions

@@ -78,7 +78,13 @@ def _operands(lhs, rhs, compute_dtype):
   return lhs, rhs
 
 
-def canonical_dot(lhs, rhs, dims):
+def _moved_bytes(x, perm) -> int:
+  """Bytes `lax.transpose(x, perm)` copies: none when it only moves dimensions of size one."""
+  kept = [d for d in perm if x.shape[d] != 1]
+  return 0 if kept == sorted(kept) else x.size * x.dtype.itemsize
+
+
+def canonical_dot(lhs, rhs, dims, move_rhs_on_ties: bool = False):
   """`lax.dot_general(lhs, rhs, dims)` (float32 result) as one (b, m, k) x (b, k, n) product.
 
   XLA's CPU runtime multiplies bfloat16 into float32 only inside its YNNPACK fusions, which take
@@ -86,25 +92,43 @@ def canonical_dot(lhs, rhs, dims):
   element type for DotThunk::Execute: BF16 x BF16 = F32', jaxlib 0.10.2). The backward products
   contract over other axes, so the operands are transposed into that layout here and the
   optimisation barriers keep XLA from folding the transposes (of operands or result) back in.
+  Where that would copy more, the transposed product (b, n, k) x (b, k, m) runs instead and its
+  float32 result is transposed: a weight gradient then copies the narrower of its two operands
+  (an MLP's input rather than its 4x wider hidden gradient), attention's key gradient the
+  (tokens, head) queries rather than the (tokens, tokens) scores. `move_rhs_on_ties`: where both
+  plans copy operands of the same size, move `rhs` (weight gradients pass the layer's input there:
+  query, key and value read one LayerNorm output, and XLA merges identical transposes of it).
   """
   (lc, rc), (lb, rb) = dims
   lhs_free, rhs_free = _free_dims(lhs.ndim, lc, lb), _free_dims(rhs.ndim, rc, rb)
   size = lambda x, axes: math.prod(x.shape[d] for d in axes)
   b, m, k, n = size(lhs, lb), size(lhs, lhs_free), size(lhs, lc), size(rhs, rhs_free)
   out_shape = [lhs.shape[d] for d in (*lb, *lhs_free)] + [rhs.shape[d] for d in rhs_free]
-  left = lax.transpose(lhs, (*lb, *lhs_free, *lc)).reshape(b, m, k)
-  right = lax.transpose(rhs, (*rb, *rc, *rhs_free)).reshape(b, k, n)
+  direct = ((*lb, *lhs_free, *lc), (*rb, *rc, *rhs_free))
+  swapped = ((*rb, *rhs_free, *rc), (*lb, *lc, *lhs_free))
+  cost = lambda perms, first, second: _moved_bytes(first, perms[0]) + _moved_bytes(second, perms[1])
+  swapped_cost, direct_cost = cost(swapped, rhs, lhs), cost(direct, lhs, rhs)
+  result_copy = b * n * m * 4 if min(n, m) > 1 else 0
+  swap = swapped_cost + result_copy < direct_cost or (
+    move_rhs_on_ties and swapped_cost == direct_cost and _moved_bytes(rhs, swapped[0]) > 0
+  )
+  first, second, perms, rows, cols = (rhs, lhs, swapped, n, m) if swap else (lhs, rhs, direct, m, n)
+  left = lax.transpose(first, perms[0]).reshape(b, rows, k)
+  right = lax.transpose(second, perms[1]).reshape(b, k, cols)
   left, right = lax.optimization_barrier((left, right))
   out = lax.dot_general(
     left, right, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
   )
-  return lax.optimization_barrier(out).reshape(out_shape)
+  out = lax.optimization_barrier(out)
+  if swap:
+    out = lax.transpose(out, (0, 2, 1))
+  return out.reshape(out_shape)
 
 
-def _matmul(lhs, rhs, dims, compute_dtype):
+def _matmul(lhs, rhs, dims, compute_dtype, move_rhs_on_ties=False):
   lhs, rhs = _operands(lhs, rhs, compute_dtype)
   if jax.default_backend() == 'cpu' and lhs.dtype != jnp.float32:
-    return canonical_dot(lhs, rhs, dims)
+    return canonical_dot(lhs, rhs, dims, move_rhs_on_ties)
   return lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
@@ -121,9 +145,8 @@ def _dot_transpose(g, other, ndim, dims, g_offset, other_is_rhs, out_dtype):
   mine_free = _free_dims(ndim, mine_c, mine_b)
   nb = len(mine_b)
   g_other = tuple(range(g_offset, g_offset + len(other_free)))
-  out = _matmul(
-    g, other, ((g_other, tuple(other_free)), (tuple(range(nb)), tuple(other_b))), g.dtype
-  )
+  dims = ((g_other, tuple(other_free)), (tuple(range(nb)), tuple(other_b)))
+  out = _matmul(g, other, dims, g.dtype, move_rhs_on_ties=not other_is_rhs)
   # `out` is (batch, my free dims, the other's contracted dims in increasing order): map each
   # back to my dimension and transpose into my layout.
   contracted = sorted(other_c)
@@ -214,8 +237,14 @@ def _is_one(value) -> bool:
   return value is None or all(int(v) == 1 for v in np.atleast_1d(value))
 
 
-def _matmul_conv_applies(lhs, rhs, padding, dimension_numbers=None, **options) -> bool:
-  """CPU, a plain 2-D NHWC x HWIO convolution (no dilation or groups), a small kernel."""
+def _matmul_conv_applies(
+  lhs, rhs, window_strides, padding, dimension_numbers=None, **options
+) -> bool:
+  """CPU, a plain 2-D NHWC x HWIO convolution (no dilation or groups), a small kernel or patches.
+
+  Kernels as large as their stride (patch embeddings, 16x16 in ViT-B/16) are a reshape, whatever
+  their size; other kernels gather one copy of the input per tap, so only small ones qualify.
+  """
   if jax.default_backend() != 'cpu' or lhs.ndim != 4 or dimension_numbers is None:
     return False
   if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
@@ -226,7 +255,8 @@ def _matmul_conv_applies(lhs, rhs, padding, dimension_numbers=None, **options) -
     _is_one(options.get(name))
     for name in ('lhs_dilation', 'rhs_dilation', 'feature_group_count', 'batch_group_count')
   )
-  return plain and rhs.shape[0] * rhs.shape[1] <= _MAX_MATMUL_TAPS
+  patches = tuple(rhs.shape[:2]) == tuple(int(v) for v in window_strides)
+  return plain and (patches or rhs.shape[0] * rhs.shape[1] <= _MAX_MATMUL_TAPS)
 
 
 def mixed_conv(compute_dtype: Any) -> Callable[..., jax.Array]:
@@ -244,7 +274,7 @@ def mixed_conv(compute_dtype: Any) -> Callable[..., jax.Array]:
 
   def conv(lhs, rhs, window_strides, padding, *args, preferred_element_type=None, **kwargs):
     del preferred_element_type
-    if not args and _matmul_conv_applies(lhs, rhs, padding, **kwargs):
+    if not args and _matmul_conv_applies(lhs, rhs, window_strides, padding, **kwargs):
       return conv_as_matmul(lhs, rhs, tuple(window_strides), padding, compute_dtype)
 
     def product(a, b):

@@ -59,6 +59,24 @@ def resolve_attention_impl(implementation: str, dtype) -> str:
   return 'xla'
 
 
+@jax.custom_jvp
+def softmax(logits):
+  """`jax.nn.softmax(logits, axis=-1)` (the same numbers) whose gradient keeps only its output.
+
+  jax's default rule differentiates through the division, so the backward pass keeps the
+  unnormalised exponentials and a materialised (batch, heads, tokens, tokens) broadcast of the
+  denominator; this one is y * (g - sum(y * g)), the rule of the `jax_softmax_custom_jvp` flag.
+  """
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (logits,), (logits_dot,) = primals, tangents
+  y = softmax(logits)
+  return y, y * (logits_dot - jnp.sum(y * logits_dot, axis=-1, keepdims=True))
+
+
 def _fused_attention(q, k, v, implementation: str, fallback: bool = False):
   """softmax(q k^T / sqrt(d)) v via jax.nn.dot_product_attention; ``fallback``: cudnn -> xla."""
   if implementation == 'cudnn' and fallback:
@@ -119,7 +137,7 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # bqhd,bkhd->bhqk
       else:
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      weights = softmax(logits.astype(jnp.float32))
       weights = weights.astype(self.dtype)
       used = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=not use_dropout)
       if mixed:
