@@ -145,8 +145,8 @@ def _dot_transpose(g, other, ndim, dims, g_offset, other_is_rhs, out_dtype):
   mine_free = _free_dims(ndim, mine_c, mine_b)
   nb = len(mine_b)
   g_other = tuple(range(g_offset, g_offset + len(other_free)))
-  dims = ((g_other, tuple(other_free)), (tuple(range(nb)), tuple(other_b)))
-  out = _matmul(g, other, dims, g.dtype, move_rhs_on_ties=not other_is_rhs)
+  product_dims = ((g_other, tuple(other_free)), (tuple(range(nb)), tuple(other_b)))
+  out = _matmul(g, other, product_dims, g.dtype, move_rhs_on_ties=not other_is_rhs)
   # `out` is (batch, my free dims, the other's contracted dims in increasing order): map each
   # back to my dimension and transpose into my layout.
   contracted = sorted(other_c)
