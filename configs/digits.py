@@ -18,10 +18,12 @@ few of the 299 test images differently.
   (mixed precision): 99.00% / 98.66% (seeds 0 / 1) in 28 s; 0.20 points below float32 on average
   over seeds 0-4.
 - ViT (``:vit``, the same ViT on 2x2 pixel patches, 1,000 steps, mixup p=0.5 alpha 0.2): on
-  that Xeon 97.99% (seed 0) in 40.3 s and 96.99% (seed 1); on an AMD EPYC with AVX512-BF16
-  98.66% / 97.66% (seeds 0 / 1) in 44.8 s / 61.0 s.
-- Mixer (``:mixer``, 4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299) in
-  1m29s at load ~2-3 on an Intel Xeon of an earlier session (not re-run since).
+  that Xeon (2026-12-04) 97.32% / 97.66% (seeds 0 / 1) in 29.6 s / 29.8 s; before that day's
+  softmax and GELU gradient changes 97.99% / 96.99% there (40.3 s), and on an AMD EPYC with
+  AVX512-BF16 98.66% / 97.66% in 44.8 s / 61.0 s.
+- Mixer (``:mixer``, 4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299) with
+  seed 0 in 73.2 s on that Xeon (2026-12-04); the same accuracy in 1m29s at load ~2-3 on an Intel
+  Xeon of an earlier session.
 """
 
 from mixer_vit import config_utils

@@ -11,7 +11,9 @@ turns 28x28 digits into 4x4 tokens for a 4-layer encoder of width 128. Pad-and-c
 flips: digits are not symmetric), label smoothing, cosine schedule.
 
 Measured ("training" is the logged time from the first step to the end, evaluations and
-checkpoints included; tcmalloc preloaded, 1 device), 8 epochs (3,750 steps of 128, the default):
+checkpoints included; tcmalloc preloaded, 1 device), 8 epochs (3,750 steps of 128, the default),
+all before the attention-softmax and GELU gradient changes of 2026-12-04 (same math, other
+rounding; not re-run):
 - AMD EPYC with AVX512-BF16, 2 cores, one run per seed, nothing else running (the hypervisor
   stole up to 20 % of the cores at times): seed 0 **99.33 %** (9,933 of 10,000) in 14m20s;
   seed 1 **99.45 %** in 16m06s. With ``--config.matmul_dtype=bfloat16`` (seed 0, before
