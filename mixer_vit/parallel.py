@@ -31,6 +31,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from mixer_vit import env
+
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # The batch is split over both.
@@ -51,7 +53,7 @@ def maybe_initialize_distributed(enable: bool | None = None) -> None:
   the alternative); ``tests/test_multiprocess.py`` trains with two local processes this way.
   """
   if enable is None:
-    enable = os.environ.get('MIXER_VIT_MULTIHOST', '0') not in ('', '0', 'false', 'False')
+    enable = env.flag('MIXER_VIT_MULTIHOST', False)
   if enable:
     # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id.
     kwargs = {}

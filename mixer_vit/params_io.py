@@ -20,7 +20,6 @@ import io
 import os
 import re
 from typing import Any
-import uuid
 import zipfile
 import zlib
 
@@ -229,19 +228,7 @@ def save_npz(params: Mapping, path) -> None:
       array = array.astype(np.float32)
     arrays[key] = array
   path = os.fspath(path)
-  if paths.is_remote(path):
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    paths.write_bytes(path, buffer.getvalue())
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # A temporary name next to the target (normal permissions), then rename.
-  tmp = f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  if not paths.is_remote(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with paths.atomic_writer(path) as f:
+    np.savez(f, **arrays)

@@ -22,7 +22,11 @@ TensorFlow is imported on the first URL only (it takes seconds to import).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
+import io
 import os
+from typing import BinaryIO
 import uuid
 
 
@@ -102,27 +106,37 @@ def read_text(path: str) -> str:
   return read_bytes(path).decode('utf-8')
 
 
-def write_bytes(path: str, data: bytes, tmp: str | None = None) -> None:
-  """Replaces ``path`` with ``data`` atomically where the store allows: a local file through a
-  temporary file (``tmp``, default a unique name beside it) renamed over it; a URL in one object
-  write (see the module docstring)."""
+@contextlib.contextmanager
+def atomic_writer(path: str, tmp: str | None = None) -> Iterator[BinaryIO]:
+  """A binary file whose content replaces ``path`` only once the ``with`` block ends without an
+  error: locally a temporary file (``tmp``, default a unique name beside it) renamed over it; on a
+  URL one object write of what was written (see the module docstring). On an error ``path`` is
+  left as it was and the temporary file removed."""
   if is_remote(path):
+    buffer = io.BytesIO()
+    yield buffer
     if path.startswith('ram://') and _gfile().exists(path):
       # TensorFlow's in-memory store (tests) appends to a file opened with 'wb' (TF 2.21); an
       # object store's write replaces the object whole.
       _gfile().remove(path)
     with _gfile().GFile(path, 'wb') as f:
-      f.write(data)
+      f.write(buffer.getvalue())
     return
   tmp = tmp or f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
   try:
     with open(tmp, 'wb') as f:
-      f.write(data)
+      yield f
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_bytes(path: str, data: bytes, tmp: str | None = None) -> None:
+  """Replaces ``path`` with ``data`` atomically where the store allows (``atomic_writer``)."""
+  with atomic_writer(path, tmp) as f:
+    f.write(data)
 
 
 def write_text(path: str, text: str, tmp: str | None = None) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from mixer_vit import env
+
 PATHS = (
   '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',
   '/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4',
@@ -19,7 +21,7 @@ PATHS = (
 
 def library_path() -> str | None:
   """The tcmalloc library to preload, or None (not installed, or turned off)."""
-  if os.environ.get('MIXER_VIT_TCMALLOC', '1') in ('0', 'false', 'False', ''):
+  if not env.flag('MIXER_VIT_TCMALLOC', True):
     return None
   return next((p for p in PATHS if os.path.exists(p)), None)
 

@@ -7,6 +7,16 @@ import tempfile
 
 # Must happen before jax / tensorflow are imported anywhere.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# The 8 fake devices are 8 threads of one process. Before each all-reduce XLA waits for all of
+# them, and aborts the process when one is more than 40 s late (its default). On 2 cores shared
+# with the other pytest worker a thread can fall that far behind in a large step, so the tests
+# wait up to 10 minutes, as a real multi-device run would.
+for _flag in (
+  '--xla_cpu_collective_call_terminate_timeout_seconds=600',
+  '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120',
+):
+  if _flag.split('=')[0] not in os.environ['XLA_FLAGS']:
+    os.environ['XLA_FLAGS'] += ' ' + _flag
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # A private tfds folder per process, pytest-xdist workers included (two writers of one folder
 # would race); a TFDS_DATA_DIR set by the user is kept.

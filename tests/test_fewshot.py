@@ -69,19 +69,13 @@ def test_bad_settings_name_the_key():
 
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
-  """A short digits run that asks for the probes at its end (config.fewshot_every).
-
-  On one device: XLA's in-process 8-device all-reduce aborted here when the CI's other worker
-  loaded both cores ("only 7 of 8 threads arrived" within 40 s); the 8-device trainer is tested
-  in test_train / test_fsdp, and this fixture only needs a trained workdir.
-  """
+  """A short digits run (8 devices) that asks for the probes at its end (config.fewshot_every)."""
   workdir = str(tmp_path_factory.mktemp('fewshot_digits'))
   config = tiny_config(total_steps=200, warmup_steps=10, log_every=200, eval_every=200)
   config.checkpoint_every = 200
   config.fewshot_every = 200
   config.fewshot.shots = (5, 10)
-  mesh = parallel.mesh_from_config(config, jax.devices()[:1])
-  train.train_and_evaluate(config, workdir, mesh=mesh)
+  train.train_and_evaluate(config, workdir)
   return workdir
 
 

@@ -113,6 +113,25 @@ def test_files_on_ram_are_written_read_appended_and_moved():
   assert sorted(paths.listdir(directory)) == ['7.corrupt', '7.corrupt.1']
 
 
+@pytest.mark.parametrize('where', ['local', 'ram'])
+def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path, where):
+  """paths.atomic_writer (used by write_bytes and params_io.save_npz): an error inside the block
+  keeps the old content and leaves no temporary file."""
+  folder = str(tmp_path) if where == 'local' else f'ram://atomic-{uuid.uuid4().hex}'
+  paths.makedirs(folder)
+  target = paths.join(folder, 'file.bin')
+  paths.write_bytes(target, b'old')
+  with pytest.raises(RuntimeError, match='interrupted'):
+    with paths.atomic_writer(target) as f:
+      f.write(b'half of the new')
+      raise RuntimeError('interrupted')
+  assert paths.read_bytes(target) == b'old'
+  assert paths.listdir(folder) == ['file.bin']
+  with paths.atomic_writer(target) as f:
+    f.write(b'new')
+  assert paths.read_bytes(target) == b'new'
+
+
 def test_orbax_gets_the_url_unchanged(monkeypatch):
   seen = []
   monkeypatch.setattr(

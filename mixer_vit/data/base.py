@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import dataclasses
 import numbers
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -455,14 +456,23 @@ class Source(abc.ABC):
   num_classes: int
   class_names: list[str] | None
   image_shape: tuple[int, int, int] | None = None
+  _cache_lock = threading.RLock()  # Opening a split is rare: one lock for every source.
 
   @abc.abstractmethod
   def num_examples(self, split: str) -> int:
     """Size of ``split`` without reading it."""
 
-  @abc.abstractmethod
   def split(self, split: str) -> Split:
-    """Opens ``split`` for reading (cached)."""
+    """Opens ``split`` for reading once (``_open``); later calls, from any thread, share it."""
+    with Source._cache_lock:
+      opened = self.__dict__.setdefault('_opened_splits', {})
+      if split not in opened:
+        opened[split] = self._open(split)
+      return opened[split]
+
+  @abc.abstractmethod
+  def _open(self, split: str) -> Split:
+    """Opens ``split`` for reading (called once per split by ``split``)."""
 
   def info(self, splits) -> DatasetInfo:
     return DatasetInfo(

@@ -17,7 +17,6 @@ import concurrent.futures
 import hashlib
 import os
 import re
-import threading
 
 from absl import logging
 import numpy as np
@@ -134,8 +133,6 @@ class ImageFolder(base.Source):
     self._in_memory_max_bytes = in_memory_max_bytes
     self._max_pixels = max_pixels
     self._files: dict[str, list[tuple[str, int]]] = {}
-    self._splits: dict[str, base.Split] = {}
-    self._lock = threading.Lock()
 
   def _class_dirs(self, split_name: str) -> list[str]:
     path = os.path.join(self.root, split_name)
@@ -217,12 +214,6 @@ class ImageFolder(base.Source):
 
   def num_examples(self, split):
     return len(self._files_of(split))
-
-  def split(self, split):
-    with self._lock:
-      if split not in self._splits:
-        self._splits[split] = self._open(split)
-      return self._splits[split]
 
   def _decode_all(self, data: list[bytes], paths: list[str], where: str) -> np.ndarray | None:
     """All images decoded to one uint8 array when they share a shape and fit the memory limit.

@@ -265,8 +265,6 @@ class TfdsSource(base.Source):
     shape = tuple(features[self._image_key].shape)
     self.image_shape = shape if all(isinstance(d, int) for d in shape) else None
     self._in_memory_max_bytes = in_memory_max_bytes
-    self._splits: dict[str, base.Split] = {}
-    self._lock = threading.Lock()
 
   def num_examples(self, split):
     try:
@@ -276,12 +274,6 @@ class TfdsSource(base.Source):
         f'bad split {split!r} for tfds data set {self.name!r} (splits: '
         f'{list(self._builder.info.splits)}): {e}'
       ) from None
-
-  def split(self, split):
-    with self._lock:
-      if split not in self._splits:
-        self._splits[split] = self._open(split)
-      return self._splits[split]
 
   def _open(self, split) -> base.Split:
     info = self._builder.info.splits[split]

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import functools
 import math
-import os
 import re
 from typing import Any
 
@@ -22,6 +21,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from mixer_vit import env
 
 
 def to_matmul_dtype(name_or_dtype: Any) -> np.dtype | None:
@@ -51,9 +52,9 @@ def cpu_multiplies_bfloat16() -> bool:
   to about twice the float32 rate; without them bfloat16 is emulated and slower than float32.
   ``MIXER_VIT_CPU_BFLOAT16=0`` or ``=1`` overrides the detection (``/proc/cpuinfo``, Linux only).
   """
-  forced = os.environ.get('MIXER_VIT_CPU_BFLOAT16')
+  forced = env.flag('MIXER_VIT_CPU_BFLOAT16', None)
   if forced is not None:
-    return forced not in ('', '0', 'false', 'False')
+    return forced
   try:
     with open('/proc/cpuinfo') as f:
       flags = f.read()
