@@ -23,24 +23,37 @@ TOOLS = (
 )
 # Modules that may only import what is listed beside them (within mixer_vit).
 LOWER_LAYERS = {
-  'mixer_vit.models': ('mixer_vit.models', 'mixer_vit.params_io', 'mixer_vit.sizes'),
-  'mixer_vit.data': ('mixer_vit.data', 'mixer_vit.parallel', 'mixer_vit.sizes'),
+  'mixer_vit.models': (
+    'mixer_vit.models',
+    'mixer_vit.params_io',
+    'mixer_vit.sizes',
+    'mixer_vit.env',
+  ),
+  'mixer_vit.data': ('mixer_vit.data', 'mixer_vit.parallel', 'mixer_vit.sizes', 'mixer_vit.env'),
   'mixer_vit.params_io': ('mixer_vit.paths',),
   'mixer_vit.paths': (),
   'mixer_vit.install': (),
   'mixer_vit.config_utils': (),
-  'mixer_vit.parallel': (),
+  'mixer_vit.parallel': ('mixer_vit.env',),
+  'mixer_vit.env': (),
+  'mixer_vit.tcmalloc': ('mixer_vit.env',),
   'mixer_vit.sizes': (),
   'mixer_vit.losses': (),
   'mixer_vit.optim': (),
   'mixer_vit.fewshot': (
     'mixer_vit.data',
+    'mixer_vit.env',
     'mixer_vit.models',
     'mixer_vit.parallel',
     'mixer_vit.params_io',
     'mixer_vit.sizes',
   ),
-  'mixer_vit.steps': ('mixer_vit.models', 'mixer_vit.losses', 'mixer_vit.parallel'),
+  'mixer_vit.steps': (
+    'mixer_vit.models',
+    'mixer_vit.losses',
+    'mixer_vit.parallel',
+    'mixer_vit.env',
+  ),
 }
 
 
