@@ -4,9 +4,11 @@ Every ``python -m mixer_vit.X ...`` command in README.md and docs/*.md (fenced c
 inline code spans) must name a module that exists and use only flags that module accepts, read from
 its own ``--help`` output (one subprocess per module; absl commands also from ``--helpfull``);
 ``--config=FILE[:ARG]`` must load and every ``--config.KEY=...`` must name a key of that config.
-Every relative link and picture must resolve, anchors included.
+Every relative link and picture must resolve, anchors included. The commands in the config files'
+docstrings are held to the same rules.
 """
 
+import ast
 import functools
 import importlib.util
 import os
@@ -257,6 +259,17 @@ def test_docs_commands_configs_and_links_hold():
     commands += sum(len(list(find_commands(s))) for _, s in code_snippets(text))
     errors += check_doc(path, text)
   assert commands >= 20, f'only {commands} documented commands found: is the parser broken?'
+  assert not errors, '\n'.join(errors)
+
+
+def test_config_docstring_commands_hold():
+  errors = []
+  for path in sorted((REPO_ROOT / 'configs').glob('*.py')):
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ''
+    # The docstring starts on line 1; a fence line before it keeps the numbering.
+    for line, snippet in code_snippets('```\n' + doc + '\n```'):
+      for module, args in find_commands(snippet):
+        errors += [f'configs/{path.name}:{line - 1}: {e}' for e in check_command(module, args)]
   assert not errors, '\n'.join(errors)
 
 
