@@ -44,8 +44,8 @@ compute, ``decode_jpeg_and_inception_crop(224)|flip_lr`` then the level's ops fo
   (the fall 2011 release with 21,843 classes); set ``total_steps`` for another copy. The tfds
   set named ``imagenet21k`` must be prepared in ``data_dir``.
 
-Expected, not measured: nothing here has run these recipes (they need an accelerator pod;
-ImageNet-21k for 300 epochs is about a million steps of 4096 images). The paper reports that with
+Expected, not measured: these recipes have not been run with this project (they need an
+accelerator pod; ImageNet-21k for 300 epochs is about a million steps of 4096 images). The paper reports that with
 AugReg and enough compute ViTs trained on the public ImageNet-21k match or beat the same models
 trained on the 10x larger, non-public JFT-300M. The accuracy of every released run of this grid,
 upstream (``final_val``) and after fine-tuning (``adapt_final_test``), is in the release's

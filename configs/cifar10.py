@@ -9,32 +9,20 @@ The folder is ``~/data/cifar10`` unless ``--config.dataset`` names another. A Vi
 of heavy augmentation to learn CIFAR-10 from scratch; a convolutional stem supplies the locality
 prior so that the epochs two CPU cores manage in an hour go far. The stem is a two-stage BiT ResNet
 at half width (3x3 root conv + max-pool, one unit per stage at 16x16 and 8x8, GroupNorm with 8
-groups), then 2x2 patches -> 4x4 tokens for a ViT-Ti-like encoder (width 192, 3 heads, MLP 768,
-4 layers, average pooling). Pad-and-crop shifts, flips, label smoothing, AdamW with a one-cycle
-cosine schedule, 35 epochs, mixed precision (bfloat16 products, float32 sums and parameters).
+groups: with BiT's 32 its 32-channel convolutions would normalise each channel alone), then 2x2
+patches -> 4x4 tokens for a ViT-Ti-like encoder (width 192, 3 heads, MLP 768, 4 layers, average
+pooling). Pad-and-crop shifts, flips, label smoothing, AdamW with a one-cycle cosine schedule, 35
+epochs, mixed precision (bfloat16 products, float32 sums and parameters).
 
-Measured (Intel Xeon with AMX, 2 cores, tcmalloc preloaded, 1 device, nothing else running; the
-first command above, which is ``:epochs=35 --config.matmul_dtype=bfloat16``; one run per seed):
-seed 0 **80.44 %** test accuracy (top-5 98.60 %) in 55m02s of training (compilation and
-evaluations included, about 545 images/s; the first 5 minutes shared the cores with a test run);
-after 7, 14, 21 and 28 epochs 63.43, 71.77, 78.29 and 80.05 %. Seed 1 (``--config.seed=1``):
-**80.50 %** (top-5 98.72 %) in 54m41s; after 7, 14, 21 and 28 epochs 66.40, 73.52, 77.95 and 80.47 %.
-After the backward-pass changes of 2026-12-04 (layout choice of the products, softmax and GELU
-gradients: the same math, other rounding), seed 0 again: **80.11 %** (top-5 98.78 %) in 48m46s
-(about 620 images/s); after 7, 14, 21 and 28 epochs 62.80, 72.22, 77.30 and 79.77 %.
-That is the recipes issue's 80 % in 60 minutes, with little to spare in accuracy (seed to seed
-the result moves by a few tenths): another CPU runs the same epochs at its own speed (pass
-``:epochs=N`` to fit its hour).
-
-How it got there (seed 0, one run each): a 7x7 root + max-pool, two units per stage and 1x1
-patches reached 58.75 % in 12 epochs (47 min, AMD EPYC, AVX2 only); a 3x3 root with one unit per
-stage 71.17 % in 17 epochs (54 min, AMD EPYC with AVX512-BF16, 32 GroupNorm groups, lr 2e-3).
-GroupNorm groups (``resnet.num_groups``): with BiT's 32 the half-width stem's 32-channel root and
-first-stage convolutions normalise each channel alone; 3-epoch probes (``:epochs=3``, Intel Xeon)
-gave 45.69 % with 32 groups and 49.59 % with 8, and with 8 groups peak learning rates 5e-4,
-1e-3 and 2e-3 gave 50.17, 52.15 and 49.59 % (4e-3 and batch 64 were clearly worse). What bought
-the epochs: mixed-precision convolutions on CPU run as patch matrix multiplies
-(``precision.conv_as_matmul``), 1.6x the training step's speed, so 35 epochs fit where 20 did.
+Measured with the first command above (Intel Xeon with AMX, 2 cores, tcmalloc preloaded, 1
+device, nothing else running, 2026-12-04; "training" is the logged time from the first step to
+the end, compilation and evaluations included): seed 0 **80.11 %** test accuracy (top-5 98.78 %)
+in 48m46s of training (about 620 images/s); after 7, 14, 21 and 28 epochs 62.80, 72.22, 77.30 and
+79.77 %. Measured the same day before the backward-pass changes of 2026-12-04 (layout choice of
+the products, softmax and GELU gradients: the same math, other rounding): seed 0 80.44 % (top-5
+98.60 %) in 55m02s, seed 1 (``--config.seed=1``) 80.50 % (top-5 98.72 %) in 54m41s. Seed to seed
+the result moves by a few tenths. Another CPU runs the same epochs at its own speed: pass
+``:epochs=N`` to fit a time budget.
 """
 
 import os

@@ -8,22 +8,19 @@ No network needed. "Training" below is the logged wall time from the first step 
 compilation, two evaluations and checkpoints included (set-up before it, mostly imports, takes
 about 10 s); JAX on CPU, tcmalloc preloaded by main, nothing else running, one run per seed.
 The results are deterministic for a given seed, device count and CPU; another CPU can land a
-few of the 299 test images differently.
+few of the 299 test images differently. Measured on an Intel Xeon with AMX (2 cores, 2026-12-04):
 
 - Hybrid (default: a 3x3 root conv and one half-width BiT unit at 8x8, then 2x2 patches -> 16
-  tokens for a 4-layer ViT of width 64; 500 steps of 128, no mixup, no dropout), on an Intel
-  Xeon with AMX (2 cores, 2026-12-04): 99.33% test accuracy (297 of 299) with seed 0 and 99.00%
-  (296 of 299) with seed 1, each in 35.6 s of training; seeds 2-4 97.99% / 98.33% / 99.00%.
-  The recipes issue asks for 98.0% in 60 s with both seeds. ``--config.matmul_dtype=bfloat16``
-  (mixed precision): 99.00% / 98.66% (seeds 0 / 1) in 28 s; 0.20 points below float32 on average
-  over seeds 0-4.
-- ViT (``:vit``, the same ViT on 2x2 pixel patches, 1,000 steps, mixup p=0.5 alpha 0.2): on
-  that Xeon (2026-12-04) 97.32% / 97.66% (seeds 0 / 1) in 29.6 s / 29.8 s; before that day's
-  softmax and GELU gradient changes 97.99% / 96.99% there (40.3 s), and on an AMD EPYC with
-  AVX512-BF16 98.66% / 97.66% in 44.8 s / 61.0 s.
-- Mixer (``:mixer``, 4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299) with
-  seed 0 in 73.2 s on that Xeon (2026-12-04); the same accuracy in 1m29s at load ~2-3 on an Intel
-  Xeon of an earlier session.
+  tokens for a 4-layer ViT of width 64; 500 steps of 128, no mixup, no dropout): 99.33% test
+  accuracy (297 of 299) with seed 0 and 99.00% (296 of 299) with seed 1, each in 35.6 s of
+  training; seeds 2-4 97.99% / 98.33% / 99.00%. ``--config.matmul_dtype=bfloat16`` (mixed
+  precision): 99.00% / 98.66% (seeds 0 / 1) in 28 s; 0.20 points below float32 on average over
+  seeds 0-4.
+- ViT (``:vit``, the same ViT on 2x2 pixel patches, 1,000 steps, mixup p=0.5 alpha 0.2): 97.32% /
+  97.66% (seeds 0 / 1) in 29.6 s / 29.8 s. On an AMD EPYC with AVX512-BF16, measured before the
+  softmax and GELU gradient changes of 2026-12-04: 98.66% / 97.66% in 44.8 s / 61.0 s.
+- Mixer (``:mixer``, 4 blocks, width 64, 2x2 patches, 1,500 steps): 98.66% (295 of 299) with seed
+  0 in 73.2 s.
 """
 
 from mixer_vit import config_utils

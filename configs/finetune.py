@@ -15,7 +15,7 @@ The defaults are those of the original fine-tuning code (google-research/vision_
 accumulated micro-batches of 64), no weight decay, 384x384 inputs (random crop of 5-100% of the
 area + flip for training, plain resize for testing), 10,000 steps for CIFAR (train[:98%]) and
 20,000 for ImageNet (train[:99%], tested on validation). With them the original repository
-reports, on 8 V100s (not measured here: this machine has 2 CPU cores and no network):
+reports, on 8 V100s (not run with this project, which was developed on CPUs):
 ViT-B_16 (ImageNet-21k) -> cifar10 98.92% / 99.03% (7.2h / 7.7h), -> cifar100 92.26% / 92.64%,
 -> imagenet2012 84.62% / 84.61% (17.9h); ViT-B_32 -> cifar10 98.93% (1.6h).
 Shorter schedules work too, e.g. ``--config.total_steps=500 --config.warmup_steps=50`` (98.59%

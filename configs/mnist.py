@@ -10,17 +10,17 @@ ViT hybrid: a two-stage half-width BiT stem (7x7 root and max-pool, the released
 turns 28x28 digits into 4x4 tokens for a 4-layer encoder of width 128. Pad-and-crop shifts (no
 flips: digits are not symmetric), label smoothing, cosine schedule.
 
-Measured ("training" is the logged time from the first step to the end, evaluations and
-checkpoints included; tcmalloc preloaded, 1 device), 8 epochs (3,750 steps of 128, the default),
-all before the attention-softmax and GELU gradient changes of 2026-12-04 (same math, other
-rounding; not re-run):
-- AMD EPYC with AVX512-BF16, 2 cores, one run per seed, nothing else running (the hypervisor
-  stole up to 20 % of the cores at times): seed 0 **99.33 %** (9,933 of 10,000) in 14m20s;
-  seed 1 **99.45 %** in 16m06s. With ``--config.matmul_dtype=bfloat16`` (seed 0, before
-  mixed convolutions ran as matrix multiplies): 99.15 % in 11m32s, below the float32 run, so the
-  recipe stays float32.
-- Intel Xeon of an earlier session: 99.39 % with seed 0 (34m29s, three other jobs sharing the
-  cores) and with seed 1 (25m54s, quiet).
+Measured with the second command above, 8 epochs (3,750 steps of 128, the default); "training" is
+the logged time from the first step to the end, evaluations and checkpoints included; tcmalloc
+preloaded, 1 device, one run per seed. All measured before the attention-softmax and GELU gradient
+changes of 2026-12-04 (same math, other rounding):
+- AMD EPYC with AVX512-BF16, 2 cores, nothing else running (the hypervisor stole up to 20 % of
+  the cores at times), 2026-12-03: seed 0 **99.33 %** (9,933 of 10,000) in 14m20s; seed 1
+  **99.45 %** in 16m06s. With ``--config.matmul_dtype=bfloat16`` (seed 0, measured before mixed
+  convolutions ran as matrix multiplies): 99.15 % in 11m32s, below float32, so the recipe stays
+  float32.
+- Intel Xeon with AMX, 2 cores: 99.39 % with seed 0 (34m29s, three other jobs sharing the cores)
+  and with seed 1 (25m54s, quiet).
 """
 
 import pathlib

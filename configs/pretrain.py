@@ -15,7 +15,8 @@ warmup then cosine (ViT) or linear (Mixer) decay, global-norm clipping at 1.0, 2
 crop + horizontal flip for training, resize 256 + central crop 224 for testing.
 
 ImageNet-1k (``imagenet2012``; 1% of train held out as in the original code, ``validation`` for
-testing). Not run here (it needs an accelerator pod); the figures are the published ones:
+testing). Not run with this project (it needs an accelerator pod); the figures are the published
+ones:
 - ViT: the ViT paper's ImageNet-only recipe (Dosovitskiy et al., ICLR 2021, App. B.1 / Table 3):
   batch 4096, 300 epochs (92,898 steps), lr 3e-3, 10k warmup steps, cosine decay, weight decay
   0.3, dropout 0.1, clipping at 1, a pre-logits layer (hidden size) during pretraining. The paper's
@@ -32,7 +33,7 @@ Small data sets (anything else, e.g. ``mnist``, ``cifar10``, ``cifar100``, an im
 inputs with the patch size overridden to 4 (64 tokens) so that the models fit the resolution,
 batch 256, lr 1e-3, decoupled weight decay 1e-4, label smoothing 0.1, 500 warmup steps, 30 epochs
 (MNIST-sized) or 200 epochs (CIFAR-sized), dropout 0.1 (ViT). These recipes are plain defaults
-to start from, not tuned and not run to the end here: on the 2-core CPU development machine
+to start from, not tuned and not run to the end: on a 2-core CPU development machine
 ``ViT-Ti_16,cifar10`` (the CIFAR-10 image folder, 20 steps) trained at 42 images/s, so its 200
 epochs would take about 2.7 days; use an accelerator.
 """
