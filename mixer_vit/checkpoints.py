@@ -59,6 +59,8 @@ def _number(value: str | None, path: str, line: int, column: str) -> float | Non
 
 def read_index(path: str) -> tuple[list[Entry], list[str]]:
   """The index's rows, and a message for each row whose file name does not parse (skipped)."""
+  if os.path.isdir(path):
+    raise ValueError(f'--index={path} is a folder; pass the index.csv file ({INDEX_URL})')
   if not os.path.isfile(path):
     raise FileNotFoundError(
       f'index {path} not found. Download the released one: gsutil cp '

@@ -62,26 +62,24 @@ class ArgumentParser(argparse.ArgumentParser):
 # Flag types: argparse names the flag in the message (``argument --top_k: ...``).
 
 
-def positive_int(text: str) -> int:
-  """An int of at least 1 (sizes, counts, batches)."""
+def _whole_number(text: str, minimum: int, rule: str) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{value} must be at least 1')
+  if value < minimum:
+    raise argparse.ArgumentTypeError(f'{value} must be {rule}')
   return value
+
+
+def positive_int(text: str) -> int:
+  """An int of at least 1 (sizes, counts, batches)."""
+  return _whole_number(text, 1, 'at least 1')
 
 
 def non_negative_int(text: str) -> int:
   """An int of at least 0 (limits where 0 means none)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'{value} must be 0 (no limit) or more')
-  return value
+  return _whole_number(text, 0, '0 (no limit) or more')
 
 
 def resolution(text: str) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.data import preprocess
+from mixer_vit.models import registry
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 # Ops that only concern labels; inference has none.
@@ -115,14 +116,14 @@ def read_labels(path: str) -> list[str]:
       names = [line.rstrip('\r\n') for line in f]
   except UnicodeDecodeError:
     raise ValueError(
-      f'labels file {path} is not UTF-8 text; it needs one class name per line'
+      f'--labels={path} is not UTF-8 text; it needs one class name per line'
     ) from None
   except OSError as e:
-    raise ValueError(f'labels file {path}: {e.strerror or e}') from None
+    raise ValueError(f'--labels={path}: {e.strerror or e}') from None
   while names and not names[-1].strip():
     names.pop()
   if not names:
-    raise ValueError(f'labels file {path} is empty; it needs one class name per line')
+    raise ValueError(f'--labels={path} is empty; it needs one class name per line')
   return names
 
 
@@ -133,7 +134,7 @@ def _labels_for(path: str | None, num_classes: int) -> list[str] | None:
   names = read_labels(path)
   if len(names) != num_classes:
     raise ValueError(
-      f'{path} has {len(names)} names but the checkpoint has {num_classes} classes; '
+      f'--labels={path} has {len(names)} names but the checkpoint has {num_classes} classes; '
       'give one name per class, in label order'
     )
   return names
@@ -171,6 +172,21 @@ def _npz_overrides(tree: dict, base_config: Any) -> dict[str, Any]:
   if 'kernel' in pre:
     overrides['representation_size'] = int(np.shape(pre['kernel'])[-1])
   return overrides
+
+
+def _misfit(path: str, model: str, message: str) -> str:
+  """``params_io.verify_tree``'s report in one line: counts, an example of each, the hint."""
+  parts = []
+  found = re.findall(
+    r'(Missing keys|Unexpected keys|Shape mismatches) \((\d+)\):\n\s+(\S+)', message
+  )
+  for what, count, example in found:
+    parts.append(f'{count} {what.lower()} (e.g. {example.rstrip(":")})')
+  text = f'{path} does not fit --model={model}: {", ".join(parts)}'
+  if 'Missing keys' in message or 'Unexpected keys' in message:
+    return text + '; pass the model the checkpoint was trained as'
+  hints = [line.strip()[len('Hint: ') :] for line in message.splitlines() if 'Hint: ' in line]
+  return '; '.join([text, *hints])
 
 
 def load_classifier(
@@ -216,8 +232,9 @@ def load_classifier(
     image_size = tuple(trained.image_shape[:2])
     if resolution and tuple(resolution) != image_size:
       raise ValueError(
-        f"--resolution={resolution} differs from the workdir's training "
-        f"resolution {image_size}; a workdir's model runs at its own resolution"
+        f"--resolution={resolution[0]},{resolution[1]} differs from the workdir's training "
+        f"resolution {image_size[0]},{image_size[1]}; a workdir's model runs at its own "
+        'resolution: leave --resolution out'
       )
     return Classifier(
       model_config=model_config,
@@ -245,20 +262,27 @@ def load_classifier(
       f'known models: {", ".join(models.list_models())}'
     )
   tree = params_io.load_npz(checkpoint_path)
-  overrides = _npz_overrides(tree, models.get_model_config(model))
+  try:
+    base_config = models.get_model_config(model)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'--model={model}: {cli.one_line(e)}') from None
+  overrides = _npz_overrides(tree, base_config)
   if dtype:
     overrides['dtype'] = dtype
   if resolution:
     overrides['image_size'] = tuple(resolution)
   model_config = models.get_model_config(model, **overrides)
-  if models.image_size_from_params(tree, model_config) is None:
+  tokens = registry.family(model_config).num_grid_tokens(tree)
+  if tokens is not None and models.image_size_from_params(tree, model_config) is None:
     raise ValueError(
-      f'{checkpoint_path}: its tokens form no square grid, so its resolution is unknown; pass '
-      '--resolution=H,W, the size it was trained at'
+      f'{checkpoint_path}: its {tokens} tokens form no square grid, so its resolution is '
+      'unknown; pass --resolution=H,W, the size it was trained at'
     )
   try:
     params = models.load_params(tree, model_config, resize=resolution is not None)
   except ValueError as e:
+    if 'does not fit the model' in str(e):
+      raise ValueError(_misfit(checkpoint_path, model, str(e))) from None
     if resolution is None:
       raise
     raise ValueError(f'--resolution={resolution[0]},{resolution[1]}: {e}') from None
@@ -392,7 +416,7 @@ def load_from_args(args: argparse.Namespace) -> Classifier:
     )
   except (ValueError, FileNotFoundError, KeyError) as e:
     text = cli.one_line(e)
-    if args.checkpoint not in text:
+    if args.checkpoint not in text and '--' not in text:
       text = f'--checkpoint={args.checkpoint}: {text}'
     raise cli.CommandError(text) from None
   classifier.max_image_pixels = getattr(args, 'max_image_pixels', None)
@@ -416,10 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   files = list_images(args.images)
   if not files:
-    print(
-      f'error: no image files ({", ".join(IMAGE_EXTENSIONS)}) in {args.images}', file=sys.stderr
+    return cli.fail(
+      ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {" ".join(args.images)}')
     )
-    return 2
   try:
     classifier = load_from_args(args)
   except cli.CommandError as e:
