@@ -424,6 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'{classifier.model_config.name} is an MLP-Mixer: it has no attention; '
         'attention maps need a ViT checkpoint'
       )
+    num_layers = classifier.model_config.transformer.num_layers
+    if not -num_layers <= args.layer < num_layers:
+      raise cli.CommandError(
+        f'--layer={args.layer}: the model has {num_layers} layers; use 0..{num_layers - 1} '
+        '(or negative, from the end)'
+      )
   except cli.CommandError as e:
     return cli.fail(e)
   summary_images, summary_maps, summary_titles = [], [], []

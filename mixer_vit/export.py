@@ -29,7 +29,8 @@ are in the file's metadata properties. Models over 1.5 GB of parameters keep the
 After writing, the export is loaded in its own runtime (TensorFlow; onnxruntime) and its logits on
 two random images are compared with the JAX model's (``--no-verify`` skips this). An existing
 ``--out`` is refused unless ``--overwrite`` is given, and even then only an earlier export of the
-same format is replaced.
+same format is replaced, told by its content (``software`` in the facts file or the ONNX metadata,
+``cli.check_output``): a file or folder of the user's is never replaced.
 """
 
 from __future__ import annotations

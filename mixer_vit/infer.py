@@ -9,8 +9,10 @@ The preprocessing is the evaluation preprocessing the checkpoint expects:
   dropped; a resize to the training resolution added when the string has none), its class names,
   and its model and latest parameters (``workdir.load_workdir``);
 - an ``.npz`` file: ``decode|resize(H, W)|value_range(-1, 1)`` where (H, W) is the resolution the
-  checkpoint was trained at, read from its position embeddings (``--resolution`` overrides it for
-  non-square checkpoints); class names from ``--labels`` (one per line, in label order).
+  checkpoint was trained at, read from its position embeddings (``--resolution=H,W`` gives it for
+  non-square checkpoints; another resolution runs a ViT with its position embeddings resized
+  bilinearly and is refused for a Mixer, whose token mixing fixes the grid); class names from
+  ``--labels`` (one per line, in label order, one per class).
 
 ``--ema`` takes the exponential moving average of the parameters of a run trained with
 ``config.ema_decay``: a workdir's checkpoint's EMA parameters, or the ``params_ema.npz`` beside a

@@ -380,6 +380,12 @@ CASES = [
     ['--checkpoint={mixer}', '--model=testing-mixer', '--out_dir={u}/new', '{cat}'],
     ['MLP-Mixer', 'no attention'],
   ),
+  _case(
+    'attention-layer-out-of-range',
+    'attention',
+    [*NPZ, '--layer=5', '{cat}'],
+    ['--layer=5', '2 layers'],
+  ),
   _case('attention-min_side-0', 'attention', [*NPZ, '--min_side=0', '{cat}'], ['--min_side']),
   _case(
     'attention-no-images',

@@ -202,3 +202,16 @@ def test_onnx_overwrite_replaces_an_earlier_export(classifiers, tmp_path):
   export.export(classifiers['mixer'], out, 'onnx', overwrite=True)
   assert os.path.getmtime(out) > first - 100
   assert sorted(os.listdir(tmp_path)) == ['m.onnx']  # No staging folder left behind.
+
+
+def test_saved_model_overwrite_replaces_only_an_earlier_export(saved_models, tmp_path):
+  earlier = saved_models['vit']
+  assert export.saved_model_is_ours(earlier)
+  with pytest.raises(export.ExportError, match='pass --overwrite'):
+    export._check_out(earlier, 'saved_model', overwrite=False)
+  export._check_out(earlier, 'saved_model', overwrite=True)  # Ours: may be replaced.
+  theirs = tmp_path / 'theirs'
+  theirs.mkdir()
+  (theirs / 'saved_model.pb').write_bytes(b'someone else')  # A SavedModel we did not write.
+  with pytest.raises(export.ExportError, match='not written by mixer_vit'):
+    export._check_out(str(theirs), 'saved_model', overwrite=True)
