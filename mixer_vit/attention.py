@@ -13,15 +13,16 @@ row gives the map; otherwise the mean over all rows does.
 Command::
 
   python -m mixer_vit.attention --checkpoint=WORKDIR|FILE.npz [--model=NAME] \
-      --out=attention.png [--layer=-1] IMAGE [IMAGE...]
+      [--out_dir=attention_maps] [--summary=FILE.png] [--layer=-1] IMAGE_OR_FOLDER...
 
-writes, per image, a rollout overlay (``OUT``) and a figure of per-head maps for one layer
-(``OUT`` with ``_heads`` before the extension).
+writes, per image, a rollout overlay (``OUT_DIR/<name>_rollout.png``) and a figure of per-head
+maps for one layer (``OUT_DIR/<name>_heads.png``). Every path is checked before the model runs: an
+existing picture is replaced only with ``--overwrite`` and only when this command wrote it
+(``cli.check_output``); a file of the user's is never replaced.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 import math
 import os
@@ -32,10 +33,11 @@ import jax
 from matplotlib import colormaps
 import numpy as np
 from PIL import Image
+from PIL import PngImagePlugin
 
+from mixer_vit import cli
 from mixer_vit import infer
 from mixer_vit import models
-from mixer_vit import sizes
 from mixer_vit.data import preprocess
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +233,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def save_overlay_png(path: str, image: np.ndarray, heatmap: np.ndarray, **kwargs) -> str:
   """Writes ``overlay(image, heatmap)`` as a PNG the size of the image; returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(overlay(image, heatmap, **kwargs)).save(path, format='PNG')
+  info = PngImagePlugin.PngInfo()
+  info.add_text('Software', cli.SOFTWARE)
+  with cli.staged(path) as staged:
+    Image.fromarray(overlay(image, heatmap, **kwargs)).save(staged, format='PNG', pnginfo=info)
   return path
 
 
@@ -275,8 +279,8 @@ def save_figure_png(
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format='png', dpi=110)
+  with cli.staged(path) as staged:
+    fig.savefig(staged, format='png', dpi=110, metadata={'Software': cli.SOFTWARE})
   plt.close(fig)
   return path
 
@@ -311,8 +315,8 @@ def save_summary_png(
       axes[r, 2 * c].set_title(titles[i], fontsize=8)
       axes[r, 2 * c + 1].set_title('rollout', fontsize=8)
   fig.tight_layout(pad=0.3)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format='png', dpi=120)
+  with cli.staged(path) as staged:
+    fig.savefig(staged, format='png', dpi=120, metadata={'Software': cli.SOFTWARE})
   plt.close(fig)
   return path
 
@@ -343,18 +347,46 @@ def display_image(classifier: Any, data: bytes, model_input: np.ndarray) -> np.n
   return np.asarray(decode({'image': data})['image'])
 
 
+# The two pictures per image: <stem>_rollout.png and <stem>_heads.png.
+OUTPUT_KINDS = ('rollout', 'heads')
+
+
+def plan_outputs(
+  files: Sequence[str], out_dir: str, summary: str | None, overwrite: bool
+) -> dict[str, tuple[str, str]]:
+  """``{image: (rollout path, heads path)}``, after checking every path the command will write
+  (``cli.check_output``): raises ``cli.CommandError`` before anything is computed."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise cli.CommandError(f'--out_dir={out_dir} is a file; name a folder to write the maps in')
+  planned: dict[str, tuple[str, str]] = {}
+  writers: dict[str, str] = {}  # output path -> what writes it
+  for path in files:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    planned[path] = tuple(os.path.join(out_dir, f'{stem}_{kind}.png') for kind in OUTPUT_KINDS)
+    writers.update({out: path for out in planned[path] if out not in writers})
+    for out in planned[path]:
+      if writers[out] != path:
+        raise cli.CommandError(
+          f'{writers[out]} and {path} would both write {out}; rename one or run them separately'
+        )
+  for out in writers:
+    cli.check_output(out, '--out_dir', overwrite=overwrite, ours=cli.png_is_ours)
+  if summary:
+    if os.path.abspath(summary) in {os.path.abspath(out) for out in writers}:
+      raise cli.CommandError(f'--summary={summary} is also the map of an image; choose another')
+    cli.check_output(
+      summary, '--summary', overwrite=overwrite, ours=cli.png_is_ours, example='summary.png'
+    )
+  return planned
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m mixer_vit.attention',
     description='Attention rollout and per-head maps of a ViT, as PNG overlays.',
   )
   parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
-  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
-  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
-  parser.add_argument('--labels', help='class names, one per line (for the titles)')
-  parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
-  parser.add_argument('--pp', help='preprocessing string replacing the default')
-  infer.add_max_pixels_flag(parser)
+  cli.add_checkpoint_flags(parser, 'labels', 'resolution', 'pp', 'max_image_pixels')
   parser.add_argument('--layer', type=int, default=-1, help='layer of the per-head maps')
   parser.add_argument('--head_fusion', choices=('mean', 'max', 'min'), default='mean')
   parser.add_argument(
@@ -364,32 +396,42 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--summary', help='also write one figure of all images and rollouts')
   parser.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='replace the earlier maps of these images (only pictures this command wrote)',
+  )
+  parser.add_argument(
     '--min_side',
-    type=int,
+    type=cli.positive_int,
     default=224,
     help='small images are enlarged to this shorter side for viewing',
   )
   parser.add_argument('--alpha', type=float, default=0.55, help='opacity of the map')
   args = parser.parse_args(argv)
 
+  files = infer.list_images(args.images)
   try:
-    classifier = infer.load_classifier(
-      args.checkpoint,
-      args.model,
-      labels=args.labels,
-      resolution=sizes.parse(args.resolution),
-      pp=args.pp,
-    )
+    if not files:
+      raise cli.CommandError(
+        f'no image files ({", ".join(infer.IMAGE_EXTENSIONS)}) in {" ".join(args.images)}'
+      )
+    if not 0 <= args.alpha <= 1:
+      raise cli.CommandError(f'--alpha={args.alpha}: the opacity must be in [0, 1]')
+    planned = plan_outputs(files, args.out_dir, args.summary, args.overwrite)
+    classifier = infer.load_from_args(args)
     if classifier.model_config.family != 'vit':
-      raise ValueError(
+      raise cli.CommandError(
         f'{classifier.model_config.name} is an MLP-Mixer: it has no attention; '
         'attention maps need a ViT checkpoint'
       )
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  classifier.max_image_pixels = args.max_image_pixels
-  files = infer.list_images(args.images)
+    num_layers = classifier.model_config.transformer.num_layers
+    if not -num_layers <= args.layer < num_layers:
+      raise cli.CommandError(
+        f'--layer={args.layer}: the model has {num_layers} layers; use 0..{num_layers - 1} '
+        '(or negative, from the end)'
+      )
+  except cli.CommandError as e:
+    return cli.fail(e)
   summary_images, summary_maps, summary_titles = [], [], []
   failed = 0
   for path in files:
@@ -416,9 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = int(np.argmax(probs))
     title = f'{classifier.class_name(top)} ({probs[top]:.0%})'
     picture = upscale(display_image(classifier, data, x), args.min_side)
-    stem = os.path.splitext(os.path.basename(path))[0]
+    rollout_path, heads_path = planned[path]
     rollout_path = save_overlay_png(
-      os.path.join(args.out_dir, f'{stem}_rollout.png'),
+      rollout_path,
       picture,
       maps['rollout'][0],
       alpha=args.alpha,
@@ -426,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_layers = maps['attention'].shape[0]
     layer = args.layer % num_layers
     heads_path = save_figure_png(
-      os.path.join(args.out_dir, f'{stem}_heads.png'),
+      heads_path,
       picture,
       maps['rollout'][0],
       maps['heads'][0],
@@ -441,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(save_summary_png(args.summary, summary_images, summary_maps, summary_titles))
   if failed:
     print(f'{failed} of {len(files)} files failed', file=sys.stderr)
-  return 1 if failed or not files else 0
+  return 1 if failed else 0
 
 
 if __name__ == '__main__':

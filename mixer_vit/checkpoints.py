@@ -59,38 +59,51 @@ def _number(value: str | None, path: str, line: int, column: str) -> float | Non
 
 def read_index(path: str) -> tuple[list[Entry], list[str]]:
   """The index's rows, and a message for each row whose file name does not parse (skipped)."""
+  if os.path.isdir(path):
+    raise ValueError(f'--index={path} is a folder; pass the index.csv file ({INDEX_URL})')
   if not os.path.isfile(path):
     raise FileNotFoundError(
       f'index {path} not found. Download the released one: gsutil cp '
       f'{augreg.BUCKET}/index.csv . (or {INDEX_URL})'
     )
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    header = reader.fieldnames or []
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-      raise ValueError(
-        f'{path} lacks the column(s) {", ".join(missing)} of the released AugReg index.csv '
-        f'(it has: {", ".join(header) or "no header"}); pass the file from {INDEX_URL}.'
+  try:
+    with open(path, encoding='utf-8', newline='') as f:
+      return _read_rows(path, f)
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise ValueError(
+      f'--index={path} is not a CSV text file ({type(e).__name__}); pass the released index.csv '
+      f'({INDEX_URL})'
+    ) from None
+
+
+def _read_rows(path: str, f: Any) -> tuple[list[Entry], list[str]]:
+  """The rows of an open index file (see ``read_index``)."""
+  reader = csv.DictReader(f)
+  header = reader.fieldnames or []
+  missing = [c for c in COLUMNS if c not in header]
+  if missing:
+    raise ValueError(
+      f'{path} lacks the column(s) {", ".join(missing)} of the released AugReg index.csv '
+      f'(it has: {", ".join(header) or "no header"}); pass the file from {INDEX_URL}.'
+    )
+  entries, skipped = [], []
+  for row in reader:
+    line = reader.line_num
+    try:
+      info = augreg.parse(row['adapt_filename'] or '')
+    except ValueError as e:
+      skipped.append(f'{path} line {line}: {e}')
+      continue
+    entries.append(
+      Entry(
+        info=info,
+        ds=row['ds'],
+        final_val=_number(row['final_val'], path, line, 'final_val'),
+        val=_number(row['adapt_final_val'], path, line, 'adapt_final_val'),
+        test=_number(row['adapt_final_test'], path, line, 'adapt_final_test'),
+        line=line,
       )
-    entries, skipped = [], []
-    for row in reader:
-      line = reader.line_num
-      try:
-        info = augreg.parse(row['adapt_filename'] or '')
-      except ValueError as e:
-        skipped.append(f'{path} line {line}: {e}')
-        continue
-      entries.append(
-        Entry(
-          info=info,
-          ds=row['ds'],
-          final_val=_number(row['final_val'], path, line, 'final_val'),
-          val=_number(row['adapt_final_val'], path, line, 'adapt_final_val'),
-          test=_number(row['adapt_final_test'], path, line, 'adapt_final_test'),
-          line=line,
-        )
-      )
+    )
   return entries, skipped
 
 

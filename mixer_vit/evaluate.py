@@ -24,7 +24,6 @@ set), or ``--fewshot_dataset`` (comma-separated names or image folders, with the
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 import json
 import sys
@@ -33,12 +32,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from mixer_vit import cli
 from mixer_vit import config_utils
 from mixer_vit import data
 from mixer_vit import fewshot
 from mixer_vit import infer
 from mixer_vit import parallel
-from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
 
@@ -201,21 +200,17 @@ def fewshot_classifier(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m mixer_vit.evaluate',
     description='Top-1/top-5 accuracy of a checkpoint on a data set split (exact, masked).',
   )
-  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
-  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
+  cli.add_checkpoint_flags(parser, 'resolution', 'dtype', 'ema')
   parser.add_argument('--split', help="split to evaluate (default: the config's test_split)")
   parser.add_argument('--dataset', help="tfds name, 'digits' or an image-folder root")
   parser.add_argument('--data_dir', help='tfds data dir')
   parser.add_argument('--pp', help='evaluation preprocessing, ending in value_range(-1,1)|onehot')
-  parser.add_argument('--batch_size', type=int, help='global evaluation batch size')
-  parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
+  parser.add_argument('--batch_size', type=cli.positive_int, help='global evaluation batch size')
   parser.add_argument('--json', action='store_true', help='print the result as JSON')
-  infer.add_ema_flag(parser)
   parser.add_argument(
     '--fewshot', action='store_true', help='few-shot linear probes of the representation instead'
   )
@@ -234,13 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if given and not args.fewshot:
     parser.error(f'{", ".join(given)}: only with --fewshot')
   try:
-    classifier = infer.load_classifier(
-      args.checkpoint,
-      args.model,
-      resolution=sizes.parse(args.resolution),
-      dtype=args.dtype,
-      ema=args.ema,
-    )
+    classifier = infer.load_from_args(args)
     dataset = args.dataset
     if args.fewshot and not dataset and args.fewshot_dataset:
       dataset = args.fewshot_dataset.split(',')[0].strip()
@@ -258,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       result = evaluate_classifier(classifier, config, args.split)
   except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.fail(e)
   if args.fewshot:
     if args.json:
       print(json.dumps(rows))

@@ -29,7 +29,8 @@ are in the file's metadata properties. Models over 1.5 GB of parameters keep the
 After writing, the export is loaded in its own runtime (TensorFlow; onnxruntime) and its logits on
 two random images are compared with the JAX model's (``--no-verify`` skips this). An existing
 ``--out`` is refused unless ``--overwrite`` is given, and even then only an earlier export of the
-same format is replaced.
+same format is replaced, told by its content (``software`` in the facts file or the ONNX metadata,
+``cli.check_output``): a file or folder of the user's is never replaced.
 """
 
 from __future__ import annotations
@@ -44,9 +45,7 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 import jax
@@ -56,10 +55,10 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from mixer_vit import cli
 from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit import params_io
-from mixer_vit import sizes
 from mixer_vit.data import preprocess
 
 FORMATS = ('saved_model', 'onnx')
@@ -73,7 +72,7 @@ ONNX_OPSET = 21
 VERIFY_RTOL = 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(cli.CommandError):
   """Bad export arguments, an --out that may not be replaced, or missing optional packages."""
 
 
@@ -107,6 +106,7 @@ class Exportable:
     names = [c.class_name(i) for i in range(c.num_classes)]
     out = {
       'format': fmt,
+      'software': cli.SOFTWARE,
       'source': c.source,
       'model_name': str(c.model_config.get('name', '')),
       'image_size': list(self.image_size),
@@ -147,44 +147,112 @@ def _relative_difference(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _check_out(out: str, fmt: str, overwrite: bool) -> None:
-  """Refuses an existing --out unless --overwrite, and even then anything but an earlier export."""
+  """Refuses an existing --out unless --overwrite, and even then anything but an earlier export
+  of ``fmt`` (``cli.check_output``)."""
   if not out:
     raise ExportError('--out is empty; name the folder (saved_model) or .onnx file to write')
   parent = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(parent):
     raise ExportError(f'--out={out}: the folder {parent} does not exist; create it first')
-  if not os.path.lexists(out):
-    return
-  if not overwrite:
-    raise ExportError(f'--out={out} already exists; pass --overwrite to replace it')
-  if fmt == 'saved_model':
-    if not (os.path.isdir(out) and os.path.exists(os.path.join(out, 'saved_model.pb'))):
-      raise ExportError(
-        f'--out={out} exists and is not a SavedModel folder; --overwrite replaces only an '
-        'earlier export: remove it yourself or choose another --out'
-      )
-  elif not os.path.isfile(out) or os.path.islink(out):
-    raise ExportError(
-      f'--out={out} exists and is not a file; --overwrite replaces only an earlier .onnx '
-      'export: remove it yourself or choose another --out'
-    )
-
-
-@contextlib.contextmanager
-def _staging(out: str) -> Iterator[str]:
-  """A temporary path beside ``out``; moved to ``out`` only when the body succeeds."""
-  parent = os.path.dirname(os.path.abspath(out))
-  tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
   try:
-    yield os.path.join(tmp, 'x')
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if fmt == 'saved_model':
+      cli.check_output(out, '--out', overwrite=overwrite, ours=saved_model_is_ours, what='folder')
+    else:
+      cli.check_output(out, '--out', overwrite=overwrite, ours=onnx_is_ours, example='model.onnx')
+  except cli.CommandError as e:
+    raise ExportError(str(e)) from None
 
 
-def _replace(staged: str, out: str) -> None:
-  if os.path.isdir(out) and not os.path.islink(out):
-    shutil.rmtree(out)
-  os.replace(staged, out)
+def saved_model_is_ours(path: str) -> bool:
+  """Whether ``path`` is a SavedModel folder this module wrote (its facts file says so)."""
+  if not os.path.isfile(os.path.join(path, 'saved_model.pb')):
+    return False
+  try:
+    with open(os.path.join(path, INFO_FILE), encoding='utf-8') as f:
+      info = json.load(f)
+  except (OSError, ValueError):
+    return False
+  # Exports written before the 'software' entry existed carry the format.
+  return isinstance(info, dict) and (
+    cli.is_ours(info.get('software')) or info.get('format') == 'saved_model'
+  )
+
+
+def onnx_is_ours(path: str) -> bool:
+  """Whether ``path`` is an ONNX file this module wrote (its metadata properties say so)."""
+  meta = onnx_metadata(path)
+  return meta is not None and (cli.is_ours(meta.get('software')) or meta.get('format') == 'onnx')
+
+
+def _varint(f: Any) -> int | None:
+  """A protobuf varint from a binary stream; None at its end or past 64 bits."""
+  value = shift = 0
+  while shift < 64:
+    byte = f.read(1)
+    if not byte:
+      return None
+    value |= (byte[0] & 0x7F) << shift
+    if not byte[0] & 0x80:
+      return value
+    shift += 7
+  return None
+
+
+def _fields(f: Any, end: int) -> Iterator[tuple[int, int | bytes | None]]:
+  """(field number, value) of the protobuf message in ``f`` up to ``end``: varints as ints,
+  length-delimited fields of ``_READ_FIELDS`` as bytes and others skipped (None). A ValueError
+  when the bytes are no protobuf message."""
+  while f.tell() < end:
+    key = _varint(f)
+    if key is None or key >> 3 == 0:
+      raise ValueError('not a protobuf message')
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value = _varint(f)
+      if value is None:
+        raise ValueError('truncated varint')
+      yield field, value
+    elif wire in (1, 5):
+      f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+      yield field, None
+    elif wire == 2:
+      length = _varint(f)
+      if length is None or f.tell() + length > end:
+        raise ValueError('truncated field')
+      if field in _READ_FIELDS and length <= 1 << 20:
+        yield field, f.read(length)
+      else:
+        f.seek(length, os.SEEK_CUR)
+        yield field, None
+    else:
+      raise ValueError(f'wire type {wire}')
+  if f.tell() != end:
+    raise ValueError('truncated message')
+
+
+# ModelProto.metadata_props (14) and its StringStringEntryProto key (1) and value (2).
+_READ_FIELDS = (1, 2, 14)
+
+
+def onnx_metadata(path: str) -> dict[str, str] | None:
+  """The ``metadata_props`` of an ONNX file, read from its top-level protobuf fields (no onnx
+  import, the graph skipped); None when the file is not an ONNX model."""
+  props = {}
+  try:
+    end = os.path.getsize(path)
+    with open(path, 'rb') as f:
+      ir_version = None
+      for field, value in _fields(f, end):
+        if field == 1 and isinstance(value, int):
+          ir_version = value
+        elif field == 14 and isinstance(value, bytes):
+          entry = dict(_fields(io.BytesIO(value), len(value)))
+          key, text = entry.get(1), entry.get(2, b'')
+          if isinstance(key, bytes) and isinstance(text, bytes):
+            props[key.decode('utf-8', 'replace')] = text.decode('utf-8', 'replace')
+  except (OSError, ValueError):
+    return None
+  return props if ir_version else None
 
 
 def size_bytes(path: str) -> int:
@@ -281,12 +349,11 @@ def export_saved_model(
   }
   info = exportable.info('saved_model', _check_top_k(top_k, exportable.classifier.num_classes))
   info['platforms'] = list(platforms or [jax.default_backend()])
-  with _staging(out) as staged:
+  with cli.staged(out) as staged:
     tf.saved_model.save(module, staged, signatures=signatures)
     os.makedirs(os.path.join(staged, os.path.dirname(INFO_FILE)), exist_ok=True)
     with open(os.path.join(staged, INFO_FILE), 'w', encoding='utf-8') as f:
       json.dump(info, f, indent=1)
-    _replace(staged, out)
   return out
 
 
@@ -385,19 +452,19 @@ def export_onnx(exportable: Exportable, out: str, *, overwrite: bool = False) ->
   external = param_bytes > ONNX_EXTERNAL_DATA_BYTES
   data_name = os.path.basename(out) + '.data'
   data_out = os.path.join(os.path.dirname(os.path.abspath(out)), data_name)
-  if external and os.path.lexists(data_out) and not overwrite:
-    raise ExportError(f'{data_out} (the weights of --out) already exists; pass --overwrite')
-  with _staging(out) as staged:
-    os.makedirs(staged)
-    target = os.path.join(staged, os.path.basename(out))
+  if external and os.path.lexists(data_out) and not (overwrite and onnx_is_ours(out)):
+    raise ExportError(
+      f'{data_out} (where the weights of --out={out} go) exists and is not part of an earlier '
+      'export there; move it away or choose another --out'
+    )
+  with cli.staged(out) as target:
     if external:
       onnx.save_model(
         proto, target, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
       )
-      os.replace(os.path.join(staged, data_name), data_out)
+      os.replace(os.path.join(os.path.dirname(target), data_name), data_out)
     else:
       onnx.save_model(proto, target)
-    os.replace(target, out)
   return out
 
 
@@ -460,20 +527,17 @@ def verify(classifier: infer.Classifier, out: str, fmt: str, batch: int = 2) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m mixer_vit.export',
     description=__doc__.split('\n\n')[0].strip(),
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
-  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
-  parser.add_argument('--labels', help='class names, one per line, in label order')
+  cli.add_checkpoint_flags(parser, 'labels', 'resolution', 'pp', 'activation')
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--out', required=True, help='SavedModel folder or .onnx file to write')
-  parser.add_argument('--top_k', type=int, default=5, help='classes the bytes signature returns')
-  parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
-  parser.add_argument('--pp', help='preprocessing string replacing the default')
-  parser.add_argument('--activation', choices=('softmax', 'sigmoid'), default=None)
+  parser.add_argument(
+    '--top_k', type=cli.positive_int, default=5, help='classes the bytes signature returns'
+  )
   parser.add_argument(
     '--platforms', help='SavedModel: comma-separated subset of cpu,cuda,rocm,tpu (default: cpu)'
   )
@@ -491,14 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_out(args.out, args.format, args.overwrite)
     if args.format == 'onnx':
       _import_onnx(need_runtime=args.verify)
-    classifier = infer.load_classifier(
-      args.checkpoint,
-      args.model,
-      labels=args.labels,
-      resolution=sizes.parse(args.resolution),
-      pp=args.pp,
-      activation=args.activation,
-    )
+    classifier = infer.load_from_args(args)
     _check_top_k(args.top_k, classifier.num_classes)
     out = export(
       classifier,
@@ -508,9 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       platforms=platforms,
       overwrite=args.overwrite,
     )
-  except (ExportError, ValueError, FileNotFoundError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    return cli.fail(e)
   print(f'wrote {out} ({size_bytes(out) / 2**20:.1f} MiB, {args.format})')
   if args.verify:
     difference = verify(classifier, out, args.format)

@@ -9,8 +9,10 @@ The preprocessing is the evaluation preprocessing the checkpoint expects:
   dropped; a resize to the training resolution added when the string has none), its class names,
   and its model and latest parameters (``workdir.load_workdir``);
 - an ``.npz`` file: ``decode|resize(H, W)|value_range(-1, 1)`` where (H, W) is the resolution the
-  checkpoint was trained at, read from its position embeddings (``--resolution`` overrides it for
-  non-square checkpoints); class names from ``--labels`` (one per line, in label order).
+  checkpoint was trained at, read from its position embeddings (``--resolution=H,W`` gives it for
+  non-square checkpoints; another resolution runs a ViT with its position embeddings resized
+  bilinearly and is refused for a Mixer, whose token mixing fixes the grid); class names from
+  ``--labels`` (one per line, in label order, one per class).
 
 ``--ema`` takes the exponential moving average of the parameters of a run trained with
 ``config.ema_decay``: a workdir's checkpoint's EMA parameters, or the ``params_ema.npz`` beside a
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_vit import cli
 from mixer_vit import models
 from mixer_vit import params_io
 from mixer_vit import paths
@@ -43,6 +46,7 @@ from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.data import preprocess
+from mixer_vit.models import registry
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 # Ops that only concern labels; inference has none.
@@ -109,12 +113,32 @@ class Classifier:
 
 def read_labels(path: str) -> list[str]:
   """Class names, one per line, in label order (blank trailing lines ignored)."""
-  with open(path, encoding='utf-8') as f:
-    names = [line.rstrip('\r\n') for line in f]
+  try:
+    with open(path, encoding='utf-8') as f:
+      names = [line.rstrip('\r\n') for line in f]
+  except UnicodeDecodeError:
+    raise ValueError(
+      f'--labels={path} is not UTF-8 text; it needs one class name per line'
+    ) from None
+  except OSError as e:
+    raise ValueError(f'--labels={path}: {e.strerror or e}') from None
   while names and not names[-1].strip():
     names.pop()
   if not names:
-    raise ValueError(f'labels file {path} is empty; it needs one class name per line')
+    raise ValueError(f'--labels={path} is empty; it needs one class name per line')
+  return names
+
+
+def _labels_for(path: str | None, num_classes: int) -> list[str] | None:
+  """The names in ``path`` (None: no file), refused unless one per class."""
+  if not path:
+    return None
+  names = read_labels(path)
+  if len(names) != num_classes:
+    raise ValueError(
+      f'--labels={path} has {len(names)} names but the checkpoint has {num_classes} classes; '
+      'give one name per class, in label order'
+    )
   return names
 
 
@@ -150,6 +174,21 @@ def _npz_overrides(tree: dict, base_config: Any) -> dict[str, Any]:
   if 'kernel' in pre:
     overrides['representation_size'] = int(np.shape(pre['kernel'])[-1])
   return overrides
+
+
+def _misfit(path: str, model: str, message: str) -> str:
+  """``params_io.verify_tree``'s report in one line: counts, an example of each, the hint."""
+  parts = []
+  found = re.findall(
+    r'(Missing keys|Unexpected keys|Shape mismatches) \((\d+)\):\n\s+(\S+)', message
+  )
+  for what, count, example in found:
+    parts.append(f'{count} {what.lower()} (e.g. {example.rstrip(":")})')
+  text = f'{path} does not fit --model={model}: {", ".join(parts)}'
+  if 'Missing keys' in message or 'Unexpected keys' in message:
+    return text + '; pass the model the checkpoint was trained as'
+  hints = [line.strip()[len('Hint: ') :] for line in message.splitlines() if 'Hint: ' in line]
+  return '; '.join([text, *hints])
 
 
 def load_classifier(
@@ -195,8 +234,9 @@ def load_classifier(
     image_size = tuple(trained.image_shape[:2])
     if resolution and tuple(resolution) != image_size:
       raise ValueError(
-        f"--resolution={resolution} differs from the workdir's training "
-        f"resolution {image_size}; a workdir's model runs at its own resolution"
+        f"--resolution={resolution[0]},{resolution[1]} differs from the workdir's training "
+        f"resolution {image_size[0]},{image_size[1]}; a workdir's model runs at its own "
+        'resolution: leave --resolution out'
       )
     return Classifier(
       model_config=model_config,
@@ -204,7 +244,7 @@ def load_classifier(
       params=trained.params,
       image_size=image_size,
       pp=pp or inference_pp(trained.config.pp_test, image_size),
-      class_names=read_labels(labels) if labels else trained.class_names,
+      class_names=_labels_for(labels, model_config.num_classes) or trained.class_names,
       activation=activation or ('sigmoid' if trained.config.loss == 'sigmoid_xent' else 'softmax'),
       source=checkpoint_path,
     )
@@ -224,21 +264,33 @@ def load_classifier(
       f'known models: {", ".join(models.list_models())}'
     )
   tree = params_io.load_npz(checkpoint_path)
-  overrides = _npz_overrides(tree, models.get_model_config(model))
+  try:
+    base_config = models.get_model_config(model)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'--model={model}: {cli.one_line(e)}') from None
+  overrides = _npz_overrides(tree, base_config)
   if dtype:
     overrides['dtype'] = dtype
   if resolution:
     overrides['image_size'] = tuple(resolution)
   model_config = models.get_model_config(model, **overrides)
-  params = models.load_params(tree, model_config)
+  tokens = registry.family(model_config).num_grid_tokens(tree)
+  if tokens is not None and models.image_size_from_params(tree, model_config) is None:
+    raise ValueError(
+      f'{checkpoint_path}: its {tokens} tokens form no square grid, so its resolution is '
+      'unknown; pass --resolution=H,W, the size it was trained at'
+    )
+  try:
+    params = models.load_params(tree, model_config, resize=resolution is not None)
+  except ValueError as e:
+    if 'does not fit the model' in str(e):
+      raise ValueError(_misfit(checkpoint_path, model, str(e))) from None
+    if resolution is None:
+      raise
+    raise ValueError(f'--resolution={resolution[0]},{resolution[1]}: {e}') from None
   image_size = models.image_size_from_params(params, model_config)
   image_size = tuple(image_size or model_config.image_size)
-  class_names = read_labels(labels) if labels else None
-  if class_names and len(class_names) != model_config.num_classes:
-    raise ValueError(
-      f'{labels} has {len(class_names)} names but the checkpoint has '
-      f'{model_config.num_classes} classes'
-    )
+  class_names = _labels_for(labels, model_config.num_classes)
   h, w = image_size
   return Classifier(
     model_config=model_config,
@@ -282,6 +334,10 @@ def error_text(error: Exception) -> str:
   text = text[0] if text else ''
   text = re.sub(r'\{\{[^}]*\}\}\s*', '', text)
   text = re.sub(r'\s*\[Op:[^\]]*\].*$', '', text).strip() or type(error).__name__
+  # The decode guard's advice names training's setting; these commands take a flag.
+  head, found, _ = text.partition('; raise the limit with ')
+  if found:
+    text = f'{head}; raise the limit with --max_image_pixels=N (0: no limit)'
   return f'{type(error).__name__}: {text}'
 
 
@@ -344,69 +400,55 @@ def format_result(result: dict[str, Any]) -> str:
 # Command line.
 
 
-def add_ema_flag(parser: argparse.ArgumentParser) -> None:
-  """``--ema``: the EMA parameters of a run trained with ``config.ema_decay``."""
-  parser.add_argument(
-    '--ema',
-    action='store_true',
-    help="the run's EMA parameters (config.ema_decay): its checkpoint's, or params_ema.npz "
-    'beside its params.npz',
-  )
+def load_from_args(args: argparse.Namespace) -> Classifier:
+  """The classifier the checkpoint flags (``cli.add_checkpoint_flags``) name.
 
-
-def add_max_pixels_flag(parser: argparse.ArgumentParser) -> None:
-  """``--max_image_pixels``: the decoded-size guard of the command's image files."""
-  parser.add_argument(
-    '--max_image_pixels',
-    type=int,
-    default=None,
-    help='refuse images with more decoded pixels (height x width) than this, before decoding '
-    '(default 8000 x 8000; 0: no limit)',
-  )
+  Raises ``cli.CommandError`` with one line naming the checkpoint (or the flag) at fault.
+  """
+  try:
+    classifier = load_classifier(
+      args.checkpoint,
+      args.model,
+      labels=getattr(args, 'labels', None),
+      resolution=getattr(args, 'resolution', None),
+      pp=getattr(args, 'pp', None),
+      dtype=getattr(args, 'dtype', None),
+      activation=getattr(args, 'activation', None),
+      ema=getattr(args, 'ema', False),
+    )
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    text = cli.one_line(e)
+    if args.checkpoint not in text and '--' not in text:
+      text = f'--checkpoint={args.checkpoint}: {text}'
+    raise cli.CommandError(text) from None
+  classifier.max_image_pixels = getattr(args, 'max_image_pixels', None)
+  return classifier
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m mixer_vit.infer',
     description=__doc__.split('\n\n')[0].strip(),
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER')
-  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
-  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
-  parser.add_argument('--labels', help='class names, one per line, in label order')
-  parser.add_argument('--top_k', type=int, default=5)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--resolution', help='R or H,W (.npz checkpoints of non-square grids)')
-  parser.add_argument('--pp', help='preprocessing string replacing the default')
-  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None)
-  parser.add_argument('--activation', choices=('softmax', 'sigmoid'), default=None)
-  add_ema_flag(parser)
-  add_max_pixels_flag(parser)
+  cli.add_checkpoint_flags(
+    parser, 'labels', 'resolution', 'pp', 'dtype', 'activation', 'ema', 'max_image_pixels'
+  )
+  parser.add_argument('--top_k', type=cli.positive_int, default=5)
+  parser.add_argument('--batch_size', type=cli.positive_int, default=32)
   parser.add_argument('--json', action='store_true', help='one JSON object per line and image')
   args = parser.parse_args(argv)
 
-  try:
-    classifier = load_classifier(
-      args.checkpoint,
-      args.model,
-      labels=args.labels,
-      resolution=sizes.parse(args.resolution),
-      pp=args.pp,
-      dtype=args.dtype,
-      activation=args.activation,
-      ema=args.ema,
-    )
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  classifier.max_image_pixels = args.max_image_pixels
   files = list_images(args.images)
   if not files:
-    print(
-      f'error: no image files ({", ".join(IMAGE_EXTENSIONS)}) in {args.images}', file=sys.stderr
+    return cli.fail(
+      ValueError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in {" ".join(args.images)}')
     )
-    return 2
+  try:
+    classifier = load_from_args(args)
+  except cli.CommandError as e:
+    return cli.fail(e)
   failed = 0
   for result in classify_files(classifier, files, args.top_k, args.batch_size):
     if 'error' in result:

@@ -7,7 +7,8 @@ r"""Draws the training curves of runs from their ``metrics.jsonl``: loss, test a
 Three panels against the training step, one line per workdir: the training loss (the mean over
 each ``log_every`` interval, as logged), the test accuracy (solid; the accuracy of the EMA
 parameters dashed, when the run has ``test_accuracy_ema``) and the learning rate. Reads only the
-workdirs' ``metrics.jsonl`` (also while a run trains); writes one PNG.
+workdirs' ``metrics.jsonl`` (also while a run trains); writes one PNG. An existing ``--out`` is
+replaced only with ``--overwrite`` and only when it is an earlier plot (a user's picture never).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from mixer_vit import cli
 from mixer_vit import metrics
 from mixer_vit import paths
 from mixer_vit import workdir as workdir_lib
@@ -51,8 +53,19 @@ def series(rows: Sequence[dict[str, Any]], name: str) -> tuple[list[int], list[f
   return [s for s, _ in points], [float(v) for _, v in points]
 
 
-def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None) -> str:
-  """Writes the curves of ``workdirs`` to the PNG ``out``; returns its path."""
+def plot(
+  workdirs: Sequence[str],
+  out: str,
+  labels: Sequence[str] | None = None,
+  *,
+  overwrite: bool = False,
+) -> str:
+  """Writes the curves of ``workdirs`` to the PNG ``out``; returns its path.
+
+  An existing ``out`` is replaced only with ``overwrite`` and only when it is an earlier plot
+  (``cli.check_output``); a ``cli.CommandError`` says why otherwise.
+  """
+  cli.check_output(out, '--out', overwrite=overwrite, ours=cli.png_is_ours, example='curves.png')
   if labels and len(labels) != len(workdirs):
     raise ValueError(f'{len(labels)} --label for {len(workdirs)} --workdir; give one per workdir.')
   runs = [read_metrics(w) for w in workdirs]  # All read before anything is drawn.
@@ -84,14 +97,14 @@ def plot(workdirs: Sequence[str], out: str, labels: Sequence[str] | None = None)
     if drawn and (len(runs) > 1 or any(s for _, _, s in lines)):
       ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, format='png', dpi=100)
+  with cli.staged(out) as staged:
+    fig.savefig(staged, format='png', dpi=100, metadata={'Software': cli.SOFTWARE})
   plt.close(fig)
   return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m mixer_vit.plot',
     description=__doc__.split('\n\n')[0].strip(),
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,12 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--label', action='append', help='legend name per --workdir (default: name)')
   parser.add_argument('--out', default='curves.png', help='PNG file to write (default curves.png)')
+  parser.add_argument(
+    '--overwrite', action='store_true', help='replace an earlier plot at --out (only a plot)'
+  )
   args = parser.parse_args(argv)
   try:
-    path = plot(args.workdir, args.out, args.label)
+    path = plot(args.workdir, args.out, args.label, overwrite=args.overwrite)
   except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.fail(e)
   print(path)
   return 0
 

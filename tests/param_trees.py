@@ -40,3 +40,24 @@ def tiny_vit_training(config):
   tx = optim.make_optimizer(config, schedule)
   mesh = parallel.make_mesh(jax.devices()[:1])
   return model_config, models.build_model(model_config), schedule, tx, mesh
+
+
+def train_tiny_digits(workdir):
+  """A very short digits run of the tiny model in ``workdir``: ``(workdir, result)`` (its
+  checkpoint, config.json, metrics.jsonl and params.npz; 10 classes at 16x16)."""
+  from mixer_vit import config_utils  # noqa: PLC0415  # Only the tests that train need these.
+  from mixer_vit import train  # noqa: PLC0415
+
+  config = config_utils.base_config()
+  config.dataset = 'digits'
+  config.model_name = 'testing'
+  config.pp_train = 'decode|resize(16)|value_range(-1,1)|onehot'
+  config.pp_test = 'decode|resize(16)|value_range(-1,1)|onehot'
+  config.total_steps = 4
+  config.warmup_steps = 1
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.log_every = 2
+  config.eval_every = 4
+  config.checkpoint_every = 4
+  return str(workdir), train.train_and_evaluate(config, str(workdir))

@@ -169,7 +169,7 @@ def test_existing_out_is_refused_without_overwrite(tmp_path, capsys):
   assert '--overwrite' in capsys.readouterr().err
   # Not an earlier export: --overwrite does not delete it either.
   assert export.main([*base, '--overwrite']) == 2
-  assert 'not a SavedModel' in capsys.readouterr().err
+  assert 'not written by mixer_vit' in capsys.readouterr().err
   assert (out / 'mine.txt').read_text() == 'a user file'
   assert export.main([*base[:2], '--format=onnx', f'--out={tmp_path}/no/such/dir/m.onnx']) == 2
   assert 'does not exist' in capsys.readouterr().err
@@ -179,8 +179,10 @@ def test_bad_arguments_name_the_flag(classifiers, tmp_path, capsys):
   args = [f'--checkpoint={classifiers["vit"].npz}', '--format=saved_model', f'--out={tmp_path}/sm']
   assert export.main(args) == 2
   assert '--model is required' in capsys.readouterr().err
-  assert export.main([*args, '--model=testing', '--top_k=0']) == 2
-  assert '--top_k=0' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_info:  # argparse refuses it, naming the flag.
+    export.main([*args, '--model=testing', '--top_k=0'])
+  assert exit_info.value.code == 2
+  assert 'argument --top_k: 0 must be at least 1' in capsys.readouterr().err
   assert export.main([*args, '--model=testing', '--platforms=gpu']) == 2
   assert '--platforms=gpu' in capsys.readouterr().err
   # Preprocessing without a fixed size cannot feed the model.
@@ -200,3 +202,16 @@ def test_onnx_overwrite_replaces_an_earlier_export(classifiers, tmp_path):
   export.export(classifiers['mixer'], out, 'onnx', overwrite=True)
   assert os.path.getmtime(out) > first - 100
   assert sorted(os.listdir(tmp_path)) == ['m.onnx']  # No staging folder left behind.
+
+
+def test_saved_model_overwrite_replaces_only_an_earlier_export(saved_models, tmp_path):
+  earlier = saved_models['vit']
+  assert export.saved_model_is_ours(earlier)
+  with pytest.raises(export.ExportError, match='pass --overwrite'):
+    export._check_out(earlier, 'saved_model', overwrite=False)
+  export._check_out(earlier, 'saved_model', overwrite=True)  # Ours: may be replaced.
+  theirs = tmp_path / 'theirs'
+  theirs.mkdir()
+  (theirs / 'saved_model.pb').write_bytes(b'someone else')  # A SavedModel we did not write.
+  with pytest.raises(export.ExportError, match='not written by mixer_vit'):
+    export._check_out(str(theirs), 'saved_model', overwrite=True)

@@ -9,12 +9,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from mixer_vit import config_utils
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit import params_io
-from mixer_vit import train
+
+import param_trees
 
 
 def _random_params(config, seed=0):
@@ -186,21 +186,7 @@ def test_inference_pp_keeps_the_eval_ops_and_drops_labels():
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """A very short digits training run of the tiny model (its checkpoint and config)."""
-  root = tmp_path_factory.mktemp('wd')
-  config = config_utils.base_config()
-  config.dataset = 'digits'
-  config.model_name = 'testing'
-  config.pp_train = 'decode|resize(16)|value_range(-1,1)|onehot'
-  config.pp_test = 'decode|resize(16)|value_range(-1,1)|onehot'
-  config.total_steps = 4
-  config.warmup_steps = 1
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.log_every = 2
-  config.eval_every = 4
-  config.checkpoint_every = 4
-  result = train.train_and_evaluate(config, str(root / 'run'))
-  return str(root / 'run'), result
+  return param_trees.train_tiny_digits(tmp_path_factory.mktemp('wd') / 'run')
 
 
 def test_workdir_inference_uses_its_names_and_preprocessing(workdir, tmp_path, capsys):

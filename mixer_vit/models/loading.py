@@ -117,27 +117,65 @@ def image_size_from_params(
   return side * ph, side * pw
 
 
-def load_params(path_or_params: Any, model_config: ml_collections.ConfigDict) -> Params:
+def load_params(
+  path_or_params: Any, model_config: ml_collections.ConfigDict, *, resize: bool = False
+) -> Params:
   """Loads a checkpoint for inference with the model of `model_config`.
 
   Unlike `load_pretrained` nothing is replaced: the head, pre_logits and the position embeddings
   must fit the config (errors say which setting to change). Legacy layouts are fixed, layers
   stacked for `scan=True`, and leaves cast to `param_dtype`. Feed images of
   `image_size_from_params(params, model_config)`.
+
+  With `resize`, a checkpoint made for another resolution than `model_config.image_size` is
+  adapted to it where its family allows (ViT: position embeddings resized bilinearly, as
+  `load_pretrained` does); a family whose layers fix the grid (Mixer's token mixing) raises a
+  ValueError, as does an image size that is not a whole number of tokens.
   """
   family = registry.family(model_config)
   restored = _restore(path_or_params, family)
   size = image_size_from_params(restored, model_config)
+  want = tuple(model_config.image_size)
+  if resize and size is not None and size != want:
+    _resize_to(restored, family, model_config, size)
+    size = want
   if size is None:
-    size = tuple(model_config.image_size)
-  unrolled = model_config.copy_and_resolve_references()
-  unrolled.scan = False
-  model = registry.build_model(unrolled)
-  shapes = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, np.zeros((1, *size, 3), np.float32))['params']
-  )
+    size = want
+  shapes = _param_shapes(model_config, size)
   params_io.verify_tree(restored, shapes, 'checkpoint', _hints(family))
   params = params_io.cast_like(restored, shapes)
   if model_config.scan:
     params = params_io.stack_layers(params)
   return params
+
+
+def _param_shapes(model_config: ml_collections.ConfigDict, size: tuple[int, int]) -> Any:
+  """Per-layer parameter shapes of the model on (H, W) = `size` images (nothing computed)."""
+  unrolled = model_config.copy_and_resolve_references()
+  unrolled.scan = False
+  model = registry.build_model(unrolled)
+  return jax.eval_shape(
+    lambda: model.init({'params': jax.random.key(0)}, np.zeros((1, *size, 3), np.float32))['params']
+  )
+
+
+def _resize_to(
+  restored: Params, family: Any, model_config: ml_collections.ConfigDict, size: tuple[int, int]
+) -> None:
+  """Adapts (in place) a tree made for (H, W) = `size` images to `model_config.image_size`."""
+  want = tuple(model_config.image_size)
+  per_token = common.pixels_per_token(model_config)
+  grid = common.token_grid(model_config)
+  if any(g * p != w for g, p, w in zip(grid, per_token, want)):
+    raise ValueError(
+      f'image size {want} is not a whole number of {per_token[0]}x{per_token[1]}-pixel tokens '
+      f'of {model_config.get("name", "the model")}; use a multiple, e.g. '
+      f'{tuple(max(1, round(w / p)) * p for w, p in zip(want, per_token))}'
+    )
+  source_grid = (size[0] // per_token[0], size[1] // per_token[1])
+  family.adapt_pretrained(restored, _param_shapes(model_config, want), model_config, source_grid)
+  if family.num_grid_tokens(restored) != grid[0] * grid[1]:
+    raise ValueError(
+      f'a {model_config.family} checkpoint runs only at the resolution it was made for, '
+      f'{size[0]}x{size[1]}: its layers are tied to the number of patches'
+    )
