@@ -43,25 +43,15 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'explicit')
 
 
 # cuDNN's flash attention (through jax.nn.dot_product_attention) refused ViT's 197 tokens on an
-# H200 ("Unsupported sequence length Q 197, KV 197", jax 0.11.2) and took them padded to 208 or 256
-# with the true lengths passed as query_seq_lengths / key_value_seq_lengths (1.48 / 1.54 ms per
-# layer, forward and backward, against XLA's 2.72 ms; batch 256, 12 heads, head dim 64, bfloat16).
-# The 'cudnn' path pads both sequences to a multiple of this (16: 197 -> 208, the faster of the two).
+# H200 ("Unsupported sequence length Q 197, KV 197", jax 0.11.2) and took them padded to 208 or
+# 256 with the true lengths passed as query_seq_lengths / key_value_seq_lengths (1.48 / 1.54 ms
+# per layer, forward and backward, against XLA's 2.72 ms; batch 256, 12 heads, head dim 64,
+# bfloat16). The 'cudnn' path pads both sequences to a multiple of this (197 -> 208, the faster).
 CUDNN_SEQ_MULTIPLE = 16
-# The kernel `padded_attention` hands the padded sequences to on the 'cudnn' path: cuDNN's. Tests set
-# it to 'xla', which applies the same lengths as a mask, to check the padding on any backend.
+# The kernel `padded_attention` hands the padded sequences to on the 'cudnn' path: cuDNN's. Tests
+# set it to 'xla', which applies the same lengths as a mask, to check the padding on any backend.
 _CUDNN_KERNEL = 'cudnn'
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def accelerator_platform() -> str:
-  """'cpu', 'tpu', 'cuda' or 'rocm' (jax's 'gpu' backend split by its runtime): what the attention
-  and the configs' precision choices depend on."""
-  backend = jax.default_backend()
-  if backend != 'gpu':
-    return backend
-  version = str(getattr(jax.devices()[0].client, 'platform_version', '')).lower()
-  return 'rocm' if 'rocm' in version or 'hip' in version else 'cuda'
 
 
 def cudnn_head_dim_max() -> int:
@@ -99,7 +89,7 @@ def resolve_attention_impl(
   """
   if implementation != 'auto':
     return implementation
-  platform = platform or accelerator_platform()
+  platform = platform or precision.accelerator_platform()
   if platform == 'cpu':
     return 'explicit'
   if platform == 'cuda' and jnp.dtype(dtype) in HALF_DTYPES:
