@@ -3,6 +3,8 @@ r"""Throughput benchmark: compile time, images/s, and achieved FLOP/s against a 
   python -m mixer_vit.benchmark --model=ViT-B_16 [--batch=32] [--train] [--dtype=bfloat16] \
       [--mixed] [--resolution=224] [--runs=10] [--warmup=2] [--fsdp=1] [--remat[=POLICY]] [--json]
   python -m mixer_vit.benchmark --model=ViT-g_14 --train --memory --fsdp=8 --remat --batch=8
+  python -m mixer_vit.benchmark --model=ViT-B_16 --train --batch=256 --dtype=bfloat16 \
+      --attention_impl=xla   # against the default 'auto' (padded cuDNN on a CUDA GPU)
 
 ``--mixed`` times the model twice in one process, in float32 and in mixed precision
 (``config.matmul_dtype='bfloat16'``: bfloat16 multiplies, float32 sums and everything else), and
@@ -55,6 +57,7 @@ from mixer_vit import run_setup
 from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import tcmalloc
+from mixer_vit.models import vit
 
 # ----------------------------------------------------------------------------------------------
 # Timing and FLOP counting.
@@ -406,6 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     '--fsdp', type=int, default=1, help='shard the train state over this many devices'
   )
   parser.add_argument(
+    '--attention_impl',
+    choices=vit.ATTENTION_IMPLS,
+    help="ViT attention (model.attention_impl; default the model's, 'auto': padded cuDNN flash "
+    'attention on a CUDA GPU in half precision, XLA on TPU, einsum on CPU)',
+  )
+  parser.add_argument(
     '--scan',
     action='store_true',
     help='one nn.scan over the layers (model.scan; XLA then counts the FLOPs of one layer)',
@@ -420,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = {'remat': True, 'remat_policy': args.remat} if args.remat else {}
   if args.scan:
     overrides['scan'] = True
+  if args.attention_impl:
+    overrides['attention_impl'] = args.attention_impl
   try:
     for flag in ('batch', 'runs', 'num_classes', 'matmul_size', 'fsdp', 'warmup'):
       value = getattr(args, flag)

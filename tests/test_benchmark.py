@@ -160,3 +160,13 @@ def test_benchmark_and_memory_import_without_tensorflow():
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'imported without tensorflow' in done.stdout
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='cuDNN may run on a GPU')
+def test_attention_impl_flag_reaches_the_model_and_cudnn_elsewhere_fails_in_one_line(capsys):
+  args = ['--model=testing', '--batch=8', '--runs=1', '--warmup=0', '--matmul_size=64']
+  assert benchmark.main([*args, '--num_classes=10', '--attention_impl=cudnn']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "attention_impl='cudnn' cannot run here" in err, err
+  assert benchmark.main([*args, '--num_classes=10', '--attention_impl=xla', '--json']) == 0
+  assert json.loads(capsys.readouterr().out)['images_per_second'] > 0

@@ -18,6 +18,7 @@ import pytest
 from mixer_vit import models
 from mixer_vit import params_io
 from mixer_vit.models import common
+from mixer_vit.models import precision
 from mixer_vit.models import resnet
 from mixer_vit.models import vit
 
@@ -1041,3 +1042,35 @@ def test_auto_attention_never_resolves_to_a_path_that_raises(platform, dtype, he
       )
   assert vit.resolve_attention_impl('xla', dtype, head_dim, platform) == 'xla'
   assert vit.resolve_attention_impl('cudnn', dtype, head_dim, platform) == 'cudnn'
+
+
+_ON_CUDA = jax.default_backend() == 'gpu' and precision.accelerator_platform() == 'cuda'
+
+
+@pytest.mark.skipif(not _ON_CUDA, reason='cuDNN flash attention needs a CUDA GPU')
+@pytest.mark.parametrize('tq,tk,head_dim', _sequence_lengths())
+def test_cudnn_padded_attention_matches_xla_on_a_gpu(tq, tk, head_dim):
+  """On a CUDA GPU: cuDNN on the padded sequences gives XLA's unpadded attention and gradients
+  within bfloat16 rounding, and really runs cuDNN (its fused kernel is in the compiled step)."""
+  if not vit.cudnn_accepts(head_dim, jnp.bfloat16, vit.cudnn_head_dim_max()):
+    pytest.skip(f'head dim {head_dim} is not one cuDNN takes on this GPU')
+  q, k, v, cotangent = _qkv(tq, tk, head_dim, jnp.bfloat16, heads=4, batch=4, seed=tq)
+  padded = jax.jit(lambda q, k, v: vit.padded_attention(q, k, v, 'cudnn'))
+  plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla'))
+  assert 'cudnn' in padded.lower(q, k, v).compile().as_text().lower()
+  got = _value_and_grads(padded, q, k, v, cotangent)
+  want = _value_and_grads(plain, q, k, v, cotangent)
+  for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, want):
+    np.testing.assert_allclose(a, b, atol=2**-6, rtol=2**-6, err_msg=name)
+
+
+@pytest.mark.skipif(not _ON_CUDA, reason='cuDNN flash attention needs a CUDA GPU')
+def test_auto_attention_runs_cudnn_for_a_bfloat16_vit_on_a_gpu():
+  images = _images((4, 32, 32, 3))  # 64 patches + the class token: 65 tokens, padded to 80.
+  model, params = _init('testing', images, dtype='bfloat16')
+  head_dim = model.hidden_size // model.transformer['num_heads']
+  assert vit.resolve_attention_impl('auto', jnp.bfloat16, head_dim) == 'cudnn'
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  assert 'cudnn' in forward.lower(params, images).compile().as_text().lower()
+  want = _run(model.clone(attention_impl='xla'), params, images)
+  np.testing.assert_allclose(forward(params, images), want, atol=5e-2, rtol=5e-2)

@@ -41,6 +41,7 @@ LOWER_LAYERS = {
     'mixer_vit.sizes',
   ),
   'mixer_vit.steps': ('mixer_vit.models', 'mixer_vit.losses', 'mixer_vit.parallel'),
+  'mixer_vit.run_setup': ('mixer_vit.optim', 'mixer_vit.parallel', 'mixer_vit.steps'),
 }
 
 

@@ -159,9 +159,13 @@ def _fused_attention(q, k, v, implementation: str, fallback: bool = False):
   if implementation == 'cudnn':
     try:
       return padded_attention(q, k, v, _CUDNN_KERNEL)
-    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
       if not fallback:
-        raise
+        reason = str(e).strip().splitlines()[0].rstrip('.') if str(e).strip() else type(e).__name__
+        raise ValueError(
+          f"attention_impl='cudnn' cannot run here ({reason}; {q.dtype} heads of {q.shape[-1]} on "
+          f"{jax.default_backend()}); set model.attention_impl='auto' or 'xla'."
+        ) from None
       implementation = 'xla'
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
