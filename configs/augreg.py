@@ -33,8 +33,10 @@ ImageNet-21k Ti/16 S/32 none, S/16 light1, B/32 B/16 light2, L/16 medium2.
 
 Both data sets: Adam (b1 0.9, b2 0.999, first moment in bfloat16), batch 4096, learning rate 1e-3
 with 10k linear warmup steps then cosine decay to 0, global-norm clipping at 1.0, bfloat16
-compute, ``decode_jpeg_and_inception_crop(224)|flip_lr`` then the level's ops for training, resize
-256 + central crop 224 for evaluation (the ImageNet set-up of ``configs/pretrain.py``).
+compute (``precision=auto``, as in ``configs/pretrain.py``: ``dtype=bfloat16`` on a GPU or TPU,
+mixed precision on a CPU; or ``float32``, ``bfloat16``, ``mixed``),
+``decode_jpeg_and_inception_crop(224)|flip_lr`` then the level's ops for training, resize 256 +
+central crop 224 for evaluation (the ImageNet set-up of ``configs/pretrain.py``).
 - ``imagenet2012`` (DATASET default): 300 epochs (``epochs=N`` changes it) of ``train[:99%]``,
   tested on ``validation``; softmax cross-entropy, a ``pre_logits`` layer (big_vision's
   ``rep_size=True``).
@@ -76,7 +78,7 @@ _pretrain = config_utils.load_config_module(pathlib.Path(__file__).with_name('pr
 
 
 def get_config(arg=None):
-  """``arg``: ``MODEL,AUG,DATASET[,wd=0.1,do=0.0,sd=0.0,epochs=300]``."""
+  """``arg``: ``MODEL,AUG,DATASET[,wd=0.1,do=0.0,sd=0.0,epochs=300,precision=auto]``."""
   arg = config_utils.parse_arg(
     arg,
     positional=('model', 'aug', 'dataset'),
@@ -87,6 +89,7 @@ def get_config(arg=None):
     do=0.0,
     sd=0.0,
     epochs=300,
+    precision='auto',
   )
   if models.get_model_config(arg.model).family != 'vit':
     raise ValueError(
@@ -98,7 +101,7 @@ def get_config(arg=None):
   if arg.dataset not in DATASETS:
     raise ValueError(f'configs/augreg.py: DATASET {arg.dataset!r}; use one of {DATASETS}.')
   # The ImageNet set-up (splits, evaluation, batch 4096, 10k warmup, bfloat16, clipping at 1).
-  c = _pretrain.get_config(f'{arg.model},imagenet2012')
+  c = _pretrain.get_config(f'{arg.model},imagenet2012,precision={arg.precision}')
   c.lr = 1e-3
   c.schedule = 'cosine'
   c.lr_end = 0.0

@@ -10,9 +10,13 @@ r"""Pretraining from scratch: ``configs/pretrain.py:MODEL,DATASET``.
       --config.data_dir=DATA_DIR --workdir=workdirs/vit_ti_mnist
 
 MODEL is any registry name (``mixer_vit.models.list_models()``); DATASET a tfds name or an image
-folder. All recipes: Adam (b1 0.9, b2 0.999) with decoupled weight decay on the kernels, linear
-warmup then cosine (ViT) or linear (Mixer) decay, global-norm clipping at 1.0, 224px inception
-crop + horizontal flip for training, resize 256 + central crop 224 for testing.
+folder. ``precision`` (``auto`` by default, or ``float32``, ``bfloat16``, ``mixed``) sets
+``dtype`` / ``matmul_dtype``: ``auto`` is ``dtype=bfloat16`` on a GPU or TPU (the fastest there),
+and on a CPU mixed precision (``matmul_dtype=bfloat16``) for ImageNet, float32 for the small
+data sets (``mixer_vit.models.precision.resolve_precision``). All recipes: Adam (b1 0.9, b2
+0.999) with decoupled weight decay on the kernels, linear warmup then cosine (ViT) or linear
+(Mixer) decay, global-norm clipping at 1.0, 224px inception crop + horizontal flip for training,
+resize 256 + central crop 224 for testing.
 
 ImageNet-1k (``imagenet2012``; 1% of train held out as in the original code, ``validation`` for
 testing). Not run with this project (it needs an accelerator pod); the figures are the published
@@ -42,6 +46,7 @@ import math
 
 from mixer_vit import config_utils
 from mixer_vit import models
+from mixer_vit.models import precision
 
 # Examples per split, for epochs -> steps.
 _TRAIN_EXAMPLES = {
@@ -58,10 +63,21 @@ def _steps(examples: float, epochs: int, batch_size: int) -> int:
   return int(math.ceil(examples * epochs / batch_size))
 
 
+def set_precision(c, name: str, cpu_half: bool) -> None:
+  """``c.dtype`` and ``c.matmul_dtype`` for the ``precision`` argument
+  (``precision.resolve_precision``: 'auto' is bfloat16 on a GPU or TPU; on a CPU mixed where
+  ``cpu_half``, else float32)."""
+  c.dtype, c.matmul_dtype = precision.resolve_precision(name, cpu_half)
+
+
 def get_config(arg=None):
-  """``arg``: ``MODEL,DATASET`` (default ``ViT-B_16,imagenet2012``)."""
+  """``arg``: ``MODEL,DATASET[,precision=auto]`` (default ``ViT-B_16,imagenet2012``)."""
   arg = config_utils.parse_arg(
-    arg, positional=('model', 'dataset'), model='ViT-B_16', dataset='imagenet2012'
+    arg,
+    positional=('model', 'dataset'),
+    model='ViT-B_16',
+    dataset='imagenet2012',
+    precision='auto',
   )
   model_config = models.get_model_config(arg.model)  # Also checks the name.
   c = config_utils.base_config()
@@ -84,7 +100,7 @@ def get_config(arg=None):
     c.shuffle_buffer = 250_000
     c.total_steps = _steps(_TRAIN_EXAMPLES['imagenet2012'] * 0.99, 300, c.batch_size)
     c.warmup_steps = 10_000
-    c.dtype = 'bfloat16'
+    set_precision(c, arg.precision, cpu_half=True)
     c.mu_dtype = 'bfloat16'
     c.eval_every = 2_500
     c.checkpoint_every = 1_000
@@ -129,6 +145,7 @@ def get_config(arg=None):
   c.loss = 'softmax_xent'
   c.eval_every = 1_000
   c.checkpoint_every = 1_000
+  set_precision(c, arg.precision, cpu_half=False)
   if not model_config.get('resnet'):  # Hybrids keep their ResNet stem's patching.
     c.model.patches = {'size': (4, 4)}
   if model_config.family == 'vit':

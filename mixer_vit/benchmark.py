@@ -3,6 +3,8 @@ r"""Throughput benchmark: compile time, images/s, and achieved FLOP/s against a 
   python -m mixer_vit.benchmark --model=ViT-B_16 [--batch=32] [--train] [--dtype=bfloat16] \
       [--mixed] [--resolution=224] [--runs=10] [--warmup=2] [--fsdp=1] [--remat[=POLICY]] [--json]
   python -m mixer_vit.benchmark --model=ViT-g_14 --train --memory --fsdp=8 --remat --batch=8
+  python -m mixer_vit.benchmark --model=ViT-B_16 --train --batch=256 --dtype=bfloat16 \
+      --attention_impl=xla   # against the default 'auto' (padded cuDNN on a CUDA GPU)
 
 ``--mixed`` times the model twice in one process, in float32 and in mixed precision
 (``config.matmul_dtype='bfloat16'``: bfloat16 multiplies, float32 sums and everything else), and
@@ -20,7 +22,13 @@ What is measured, in one process:
 - FLOPs per step: XLA's own count for the compiled step (``compiled.cost_analysis()['flops']``);
   the analytic count of the model's matrix multiplies is printed beside it as a check;
 - matmul peak: the median FLOP/s of a large square ``jnp.dot`` in the same dtype on the same
-  devices, measured in the same run; the model's achieved FLOP/s is reported as a share of it.
+  devices, measured in the same run; the model's achieved FLOP/s is reported as a share of it
+  (MFU), on any backend (on a GPU the 8192^2 product reaches its dense bfloat16 rate), once with
+  XLA's count and once with the analytic one (which XLA's misses where a kernel is a custom call,
+  e.g. cuDNN's flash attention).
+
+The command builds the trainer's model, state and step (``mixer_vit.run_setup``) on random data:
+it needs no data pipeline and imports no TensorFlow, so it runs on a GPU machine without it.
 
 ``--train`` times the trainer's real training step (forward, backward, optimiser update) on
 random data; without it, the evaluation forward pass.
@@ -44,11 +52,12 @@ import numpy as np
 from mixer_vit import config_utils
 from mixer_vit import memory
 from mixer_vit import models
-from mixer_vit import optim
 from mixer_vit import parallel
+from mixer_vit import run_setup
 from mixer_vit import sizes
 from mixer_vit import steps
 from mixer_vit import tcmalloc
+from mixer_vit.models import vit
 
 # ----------------------------------------------------------------------------------------------
 # Timing and FLOP counting.
@@ -168,6 +177,7 @@ class BenchmarkResult:
   share_of_peak: float | None
   matmul_peak_before_after: tuple[float, float] = (0.0, 0.0)
   matmul_dtype: str | None = None  # Mixed precision: the multiplies' operand dtype.
+  analytic_share_of_peak: float | None = None  # MFU from the analytic FLOP count.
 
   @property
   def precision(self) -> str:
@@ -199,8 +209,15 @@ class BenchmarkResult:
       f'jnp.dot, {self.matmul_dtype or self.dtype}; the better of the medians before ('
       f'{tf(self.matmul_peak_before_after[0])}) and after ('
       f"{tf(self.matmul_peak_before_after[1])}) the model's runs)",
-      '  share of peak:    '
-      + ('n/a' if self.share_of_peak is None else f'{100 * self.share_of_peak:.1f} %'),
+      '  MFU:              '
+      + ('n/a' if self.share_of_peak is None else f'{100 * self.share_of_peak:.1f} %')
+      + ' of the measured matmul peak; '
+      + (
+        'n/a'
+        if self.analytic_share_of_peak is None
+        else f'{100 * self.analytic_share_of_peak:.1f} %'
+      )
+      + ' from the analytic count',
     ]
     return '\n'.join(lines)
 
@@ -260,29 +277,19 @@ def benchmark(
   # Unrolled layers: XLA's cost analysis counts a scanned loop body only once.
   overrides = {'scan': False, **(overrides or {})}
   config = _train_config(model, batch, dtype, overrides, fsdp, matmul_dtype)
-  model_config, module = steps.make_model(config, num_classes)
-  hw = tuple(resolution or model_config.image_size)
+  hw = tuple(resolution or _model_config(config, num_classes).image_size)
   mesh = mesh or parallel.mesh_from_config(config)
-  if batch % mesh.size:
-    raise ValueError(f'--batch={batch} must be a multiple of the {mesh.size} devices')
+  run_setup.RunSettings.from_config(config).check_batch(mesh.size, flag='--batch')
+  setup = run_setup.make(config, num_classes, (*hw, 3), mesh)  # The trainer's set-up.
+  mesh, model_config, module = setup.mesh, setup.model_config, setup.model
   rng = np.random.default_rng(0)
   host_batch = _random_batch(rng, batch, hw, num_classes)
   batch_arrays = parallel.shard_batch(host_batch, mesh)
   repl = parallel.replicated(mesh)
-  params = jax.jit(
-    lambda k: module.init({'params': k}, jnp.zeros((1, *hw, 3), jnp.float32), train=False)[
-      'params'
-    ],
-    out_shardings=repl,
-  )(jax.random.PRNGKey(0))
 
   if train:
-    schedule = optim.make_schedule(config)
-    tx = optim.make_optimizer(config, schedule)
-    make_state = lambda p: steps.state_from_params(p, tx)  # noqa: E731
-    sharding = parallel.state_shardings(jax.eval_shape(make_state, params), mesh)
-    state = jax.jit(make_state, out_shardings=sharding)(params)
-    step = steps.make_train_step(module, tx, schedule, config, mesh, sharding)
+    state = setup.init_state(jax.random.PRNGKey(0))
+    step = setup.train_step()
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays, key).compile()
@@ -293,6 +300,7 @@ def benchmark(
       holder['state'], metrics = compiled(holder['state'], batch_arrays, key)
       return metrics['loss']
   else:
+    params = jax.jit(lambda k: setup.init(k).params, out_shardings=repl)(jax.random.PRNGKey(0))
     forward = jax.jit(
       lambda p, x: module.apply({'params': p}, x, train=False),
       in_shardings=(repl, parallel.batch_sharding(mesh)),
@@ -347,15 +355,19 @@ def benchmark(
     ),
     share_of_peak=achieved / peak_total if achieved else None,
     matmul_dtype=matmul_dtype,
+    analytic_share_of_peak=analytic / median / peak_total if analytic else None,
   )
+
+
+def _model_config(config, num_classes: int):
+  return steps.make_model(config, num_classes)[0]
 
 
 def _memory(args, resolution, overrides) -> memory.MemoryReport:
   config = _train_config(
     args.model, args.batch, args.dtype, {'scan': False, **overrides}, args.fsdp
   )
-  model_config = steps.make_model(config, args.num_classes)[0]
-  hw = tuple(resolution or model_config.image_size)
+  hw = tuple(resolution or _model_config(config, args.num_classes).image_size)
   return memory.train_step_memory(config, args.num_classes, (*hw, 3))
 
 
@@ -397,6 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     '--fsdp', type=int, default=1, help='shard the train state over this many devices'
   )
   parser.add_argument(
+    '--attention_impl',
+    choices=vit.ATTENTION_IMPLS,
+    help="ViT attention (model.attention_impl; default the model's, 'auto': padded cuDNN flash "
+    'attention on a CUDA GPU in half precision, XLA on TPU, einsum on CPU)',
+  )
+  parser.add_argument(
     '--scan',
     action='store_true',
     help='one nn.scan over the layers (model.scan; XLA then counts the FLOPs of one layer)',
@@ -411,7 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = {'remat': True, 'remat_policy': args.remat} if args.remat else {}
   if args.scan:
     overrides['scan'] = True
+  if args.attention_impl:
+    overrides['attention_impl'] = args.attention_impl
   try:
+    for flag in ('batch', 'runs', 'num_classes', 'matmul_size', 'fsdp', 'warmup'):
+      value = getattr(args, flag)
+      if value is not None and (value < 0 or (value == 0 and flag != 'warmup')):
+        least = 'a number >= 0' if flag == 'warmup' else 'a positive number'
+        raise ValueError(f'--{flag}={value}: give {least}.')
     resolution = sizes.parse(args.resolution)
     if args.memory:
       if not args.train:

@@ -1,7 +1,7 @@
 """Memory of the training step, read before launch: XLA's ``memory_analysis`` of the compiled step.
 
-``train_step_memory`` compiles the trainer's own step (``steps.make_train_step``, with the state
-laid out by ``parallel.state_shardings`` over the config's mesh) on abstract inputs
+``train_step_memory`` compiles the trainer's own step (``run_setup``: ``steps.make_train_step``,
+with the state laid out by ``parallel.state_shardings`` over the config's mesh) on abstract inputs
 (``jax.eval_shape``: no parameter is allocated) and reports XLA's per-device bytes. ``dry_run``
 does it for a training config (``python -m mixer_vit.main ... --dry_run``); the benchmark command
 for a model name (``python -m mixer_vit.benchmark --model=ViT-g_14 --train --memory --fsdp=8``).
@@ -23,10 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mixer_vit import data
-from mixer_vit import optim
 from mixer_vit import parallel
-from mixer_vit import steps
+from mixer_vit import run_setup
 
 
 @dataclasses.dataclass
@@ -81,44 +79,31 @@ def train_step_memory(
 ) -> MemoryReport:
   """Compiles the train step of ``config`` for ``(H, W, C)`` images on ``mesh`` (default: the
   config's) and returns its per-device memory; nothing is allocated on the devices."""
-  mesh = mesh or parallel.mesh_from_config(config)
-  parallel.check_mesh(config, mesh)
-  schedule = optim.make_schedule(config)
-  tx = optim.make_optimizer(config, schedule)
-  model_config, model = steps.make_model(config, num_classes, image_shape[:2])
-  init = steps.make_init_fn(model, tx, tuple(image_shape), steps.ema_decay(config) is not None)
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  abstract = jax.eval_shape(init, key)
-  shardings = parallel.state_shardings(abstract, mesh, parallel.mesh_settings(config)[1])
-  state = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-  )
-  b, batch_sharding = config.batch_size, parallel.batch_sharding(mesh)
-  if b % (config.accum_steps * mesh.size):
-    raise ValueError(
-      f'batch_size {b} must be divisible by accum_steps ({config.accum_steps}) times the '
-      f'{mesh.size} devices.'
-    )
+  setup = run_setup.make(config, num_classes, image_shape, mesh)
+  mesh, abstract = setup.mesh, setup.abstract
+  b, batch_sharding = setup.settings.batch_size, parallel.batch_sharding(mesh)
   batch = {
     'image': jax.ShapeDtypeStruct((b, *image_shape), jnp.float32, sharding=batch_sharding),
     'labels': jax.ShapeDtypeStruct((b, num_classes), jnp.float32, sharding=batch_sharding),
   }
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh))
-  step = steps.make_train_step(model, tx, schedule, config, mesh, shardings)
-  analysis = step.lower(state, batch, rng).compile().memory_analysis()
+  step = setup.train_step()
+  analysis = step.lower(setup.sharded_abstract(), batch, rng).compile().memory_analysis()
   if analysis is None:
     raise ValueError(f'the {jax.default_backend()} backend reports no memory analysis.')
+  model_config = setup.model_config
   return MemoryReport(
     model=model_config.name,
     parameters=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params)),
     batch_size=b,
     image_shape=tuple(image_shape),
     dtype=config.dtype,
-    accum_steps=config.accum_steps,
+    accum_steps=setup.settings.step.accum_steps,
     remat=model_config.remat_policy if model_config.remat else 'off',
     devices=mesh.size,
     fsdp=parallel.fsdp_size(mesh),
-    state_bytes=parallel.bytes_per_device(abstract, shardings),
+    state_bytes=parallel.bytes_per_device(abstract, setup.shardings),
     argument_bytes=int(analysis.argument_size_in_bytes),
     output_bytes=int(analysis.output_size_in_bytes),
     alias_bytes=int(analysis.alias_size_in_bytes),
@@ -130,6 +115,8 @@ def train_step_memory(
 def train_image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """The shape of one preprocessed training image: static from the pipeline when ``pp_train``
   fixes it (e.g. ends with a crop or resize), else read from the first training example."""
+  from mixer_vit import data  # noqa: PLC0415  The pipeline (TensorFlow) only where one is read.
+
   ds = data.local_train_dataset(config, 0, 1, 1)
   shape = ds.element_spec['image'].shape[1:]
   if shape.is_fully_defined():
@@ -140,5 +127,7 @@ def train_image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 def dry_run(config: ml_collections.ConfigDict, mesh=None) -> MemoryReport:
   """The memory of ``config``'s train step on this machine's devices (``--dry_run``): reads the
   data set's class count and image shape, compiles, writes nothing."""
+  from mixer_vit import data  # noqa: PLC0415  The pipeline (TensorFlow) only where one is read.
+
   info = data.get_info(config)
   return train_step_memory(config, info.num_classes, train_image_shape(config), mesh)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import math
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -90,15 +90,23 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> Mes
   return Mesh(grid, BATCH_AXES)
 
 
-def mesh_settings(config: Any) -> tuple[int, tuple]:
+class MeshSettings(NamedTuple):
+  """``config.mesh`` read once: devices along ``fsdp`` and the sharding ``rules``."""
+
+  fsdp: int = 1
+  rules: tuple = ()
+
+
+def mesh_settings(config: Any) -> MeshSettings:
   """``(fsdp, rules)`` of a training config (configs written before ``mesh`` existed: (1, ()))."""
   mesh = config.get('mesh') or {}
-  return int(mesh.get('fsdp', 1) or 1), tuple(mesh.get('rules', ()) or ())
+  return MeshSettings(int(mesh.get('fsdp', 1) or 1), tuple(mesh.get('rules', ()) or ()))
 
 
 def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """``make_mesh(devices, config.mesh.fsdp)``."""
-  return make_mesh(devices, mesh_settings(config)[0])
+  """``make_mesh(devices, config.mesh.fsdp)``; ``config`` may be its ``MeshSettings``."""
+  settings = config if isinstance(config, MeshSettings) else mesh_settings(config)
+  return make_mesh(devices, settings.fsdp)
 
 
 def fsdp_size(mesh: Mesh) -> int:
@@ -107,8 +115,9 @@ def fsdp_size(mesh: Mesh) -> int:
 
 
 def check_mesh(config: Any, mesh: Mesh) -> None:
-  """Raises when ``mesh`` was not made for ``config.mesh.fsdp`` (a mesh passed in by a caller)."""
-  fsdp = mesh_settings(config)[0]
+  """Raises when ``mesh`` was not made for ``config.mesh.fsdp`` (a mesh passed in by a caller);
+  ``config`` may be its ``MeshSettings``."""
+  fsdp = (config if isinstance(config, MeshSettings) else mesh_settings(config)).fsdp
   if fsdp_size(mesh) != fsdp:
     raise ValueError(
       f'the mesh has {fsdp_size(mesh)} devices along {FSDP_AXIS!r} but config.mesh.fsdp is '

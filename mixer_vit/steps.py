@@ -19,6 +19,7 @@ plain ``TrainState``, its tree (and so its checkpoints) as without this feature.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 from typing import Any
 
 import flax
@@ -59,6 +60,34 @@ def ema_decay(config: ml_collections.ConfigDict) -> float | None:
       'about 1 - 10 / total_steps for short ones (it averages over about 1 / (1 - decay) steps).'
     )
   return float(decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the jitted steps read from a training config, read (and checked) once by
+  ``from_config``: the loss, the micro-batches per step and the EMA decay (None: off)."""
+
+  loss: str = 'softmax_xent'
+  accum_steps: int = 1
+  ema_decay: float | None = None
+
+  @property
+  def ema(self) -> bool:
+    """Whether the train state carries EMA parameters."""
+    return self.ema_decay is not None
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> StepSettings:
+    losses.get_loss_fn(config.loss)  # A known loss.
+    k = int(config.get('accum_steps', 1))
+    if k < 1:
+      raise ValueError(f'accum_steps must be >= 1 (got {k}).')
+    return cls(loss=config.loss, accum_steps=k, ema_decay=ema_decay(config))
+
+
+def step_settings(settings: StepSettings | ml_collections.ConfigDict) -> StepSettings:
+  """``settings`` as ``StepSettings`` (a training config is read with ``from_config``)."""
+  return settings if isinstance(settings, StepSettings) else StepSettings.from_config(settings)
 
 
 def ema_params_of(state: Any) -> Any:
@@ -145,7 +174,7 @@ def make_train_step(
   model,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
-  config: ml_collections.ConfigDict,
+  settings: StepSettings | ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   state_sharding: Any = None,
 ) -> Callable[
@@ -160,10 +189,12 @@ def make_train_step(
   step, not on the devices. With ``accum_steps = k`` the batch is cut into k micro-batches whose
   gradients are averaged in a ``lax.scan``: one optimiser update per step. An ``EmaTrainState``
   also gets its EMA step (``update_ema`` with ``config.ema_decay``) after the update.
+  ``settings``: ``StepSettings`` (or the training config they are read from).
   """
-  loss_fn = losses.get_loss_fn(config.loss)
-  decay = ema_decay(config)
-  k = config.accum_steps
+  settings = step_settings(settings)
+  loss_fn = losses.get_loss_fn(settings.loss)
+  decay = settings.ema_decay
+  k = settings.accum_steps
   micro_sharding = parallel.micro_batch_sharding(mesh)
   repl = parallel.replicated(mesh)
   if state_sharding is None:
@@ -223,11 +254,15 @@ def make_train_step(
 
 
 def make_eval_step(
-  model, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params_sharding: Any = None
+  model,
+  settings: StepSettings | ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  params_sharding: Any = None,
 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
   """A jitted ``(params, batch) -> sums`` over the rows whose ``mask`` is True; the parameters
-  laid out as ``params_sharding`` (default: replicated)."""
-  loss_fn = losses.get_loss_fn(config.loss)
+  laid out as ``params_sharding`` (default: replicated). ``settings``: ``StepSettings`` (or the
+  training config), for the loss."""
+  loss_fn = losses.get_loss_fn(step_settings(settings).loss)
 
   def eval_step(params, batch):
     logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)

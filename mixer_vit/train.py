@@ -30,8 +30,8 @@ from mixer_vit import data
 from mixer_vit import fewshot
 from mixer_vit import metrics
 from mixer_vit import models
-from mixer_vit import optim
 from mixer_vit import parallel
+from mixer_vit import run_setup
 from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
 
@@ -94,23 +94,15 @@ class _Preemption:
 def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """What can be checked before the data is read or anything written."""
   steps.make_model(config, num_classes=1)  # The model name and keys.
-  steps.ema_decay(config)
-  parallel.check_mesh(config, mesh)
+  settings = run_setup.RunSettings.from_config(config)  # EMA, loss, accum_steps, mesh.
+  parallel.check_mesh(settings.mesh, mesh)
+  settings.check_batch(mesh.size)
   data.DataConfig.from_config(config)
   for key in ('pp_train', 'pp_test'):
     try:
       data.preprocess.parse(config[key])
     except ValueError as e:
       raise ValueError(f'config.{key}: {e}') from None
-  k = config.accum_steps
-  if k < 1:
-    raise ValueError(f'accum_steps must be >= 1 (got {k}).')
-  if config.batch_size % (k * mesh.size):
-    raise ValueError(
-      f'batch_size {config.batch_size} must be divisible by accum_steps ({k}) times the '
-      f'number of devices ({mesh.size}); e.g. --config.batch_size='
-      f'{max(1, config.batch_size // (k * mesh.size)) * k * mesh.size}.'
-    )
   if config.total_steps < 0:
     raise ValueError(f'total_steps must be >= 0 (got {config.total_steps}).')
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
@@ -168,17 +160,14 @@ def _check_pretrained(path: str):
     )
 
 
-def _initial_state(config, model_config, tx, init, key, sharding) -> steps.TrainState:
-  """From scratch, or from ``config.pretrained`` (head replaced, position embeddings resized)."""
-  ema = steps.ema_decay(config) is not None
-  if not config.pretrained:
-    return jax.jit(init, out_shardings=sharding)(key)
-  init_params = parallel.to_host(jax.jit(lambda k: init(k).params)(key))
-  params = models.load_pretrained(config.pretrained, init_params, model_config)
-  logging.info('Initialised from %s.', config.pretrained)
-  return jax.jit(lambda p: steps.state_from_params(p, tx, ema), out_shardings=sharding)(
-    jax.device_put(params, sharding.params)
-  )
+def _initial_state(pretrained: str | None, setup: run_setup.RunSetup, key) -> steps.TrainState:
+  """From scratch, or from ``pretrained`` (head replaced, position embeddings resized)."""
+  if not pretrained:
+    return setup.init_state(key)
+  init_params = parallel.to_host(jax.jit(lambda k: setup.init(k).params)(key))
+  params = models.load_pretrained(pretrained, init_params, setup.model_config)
+  logging.info('Initialised from %s.', pretrained)
+  return setup.state_from_params(params)
 
 
 def train_and_evaluate(
@@ -212,8 +201,7 @@ def train_and_evaluate(
   _check_config(config, mesh)
   primary = jax.process_index() == 0
   total = config.total_steps
-  schedule = optim.make_schedule(config)
-  tx = optim.make_optimizer(config, schedule)
+  plan = run_setup.RunPlan.from_config(config, mesh)  # Settings, schedule and optimiser.
   # Refused relaunches and bad settings end here, with the workdir as it was.
   workdir_lib.check_config_change(workdir, config)
   if config.pretrained and not workdir_lib.checkpoint_steps(workdir):
@@ -228,15 +216,12 @@ def train_and_evaluate(
     train_iter = data.make_train_iterator(config, mesh, start_step)
     batch = next(train_iter)
     image_shape = tuple(batch['image'].shape[1:])
-    model_config, model = steps.make_model(config, info.num_classes, image_shape[:2])
+    setup = plan.build(info.num_classes, image_shape)  # The state's shardings: this run's mesh.
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    init = steps.make_init_fn(model, tx, image_shape, steps.ema_decay(config) is not None)
-    abstract = jax.eval_shape(init, init_key)  # The state's shardings: this run's mesh.
-    sharding = parallel.state_shardings(abstract, mesh, parallel.mesh_settings(config)[1])
     if start_step:
-      abstract = workdir_lib.abstract_like(abstract, sharding)
+      abstract = setup.sharded_abstract()
       state, restored = workdir_lib.restore_newest(workdir, config, abstract, move_aside=True)
-      state = steps.with_ema(state, steps.ema_decay(config) is not None)  # A forced change.
+      state = steps.with_ema(state, setup.settings.step.ema)  # A forced change.
       if restored != start_step:  # The newest could not be restored: data from the older one.
         train_iter.close()
         start_step = restored
@@ -244,7 +229,7 @@ def train_and_evaluate(
         batch = next(train_iter)
       logging.info('Resumed from the checkpoint of step %d in %s.', start_step, workdir)
     else:
-      state = _initial_state(config, model_config, tx, init, init_key, sharding)
+      state = _initial_state(config.pretrained, setup, init_key)
     manager = workdir_lib.make_manager(workdir, config)
     if primary:
       metrics.discard_after(workdir, start_step, evaluations_at_step=start_step >= total)
@@ -252,9 +237,11 @@ def train_and_evaluate(
       workdir_lib.write_run_files(workdir, config, info, image_shape)
     writer = metrics.make_writer(workdir, primary)
     dropout_key = parallel.replicate(dropout_key, mesh)
-    train_step = steps.make_train_step(model, tx, schedule, config, mesh, sharding)
-    eval_step = steps.make_eval_step(model, config, mesh, sharding.params)
-    fewshot_eval = fewshot.make_evaluator(config, model, mesh)  # None: config.fewshot_every = 0.
+    train_step = setup.train_step()
+    eval_step = setup.eval_step()
+    fewshot_eval = fewshot.make_evaluator(
+      config, setup.model, mesh
+    )  # None: config.fewshot_every = 0.
 
     throughput = metrics.Throughput(config.batch_size, total, start_step)
     history = _History()

@@ -1,6 +1,11 @@
 """Benchmark: FLOP counting, the matmul peak and the timed steps (tiny sizes)."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +14,8 @@ import pytest
 
 from mixer_vit import benchmark
 from mixer_vit import models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_xla_counts_a_matmul_as_two_n_cubed():
@@ -115,3 +122,51 @@ def test_mixed_prints_float32_and_mixed_precision_side_by_side(capsys):
   assert 'mixed precision / float32: ' in out
   assert benchmark.main([*args, '--mixed', '--dtype=bfloat16']) == 2
   assert 'leave --dtype out' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  'flag', ['--batch=0', '--batch=-8', '--runs=0', '--num_classes=0', '--matmul_size=0', '--fsdp=0']
+)
+def test_non_positive_sizes_are_refused_in_one_line_naming_the_flag(capsys, flag):
+  assert benchmark.main(['--model=testing', flag]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(f'error: {flag}:'), err
+  assert 'images/s' not in captured.out
+
+
+def test_benchmark_and_memory_import_without_tensorflow():
+  """A GPU machine without TensorFlow: both modules (and the run set-up) import and the benchmark
+  parses its flags, with every ``tensorflow`` import made to fail."""
+  code = textwrap.dedent(
+    """
+    import sys
+
+    class Blocked:
+      def find_spec(self, name, path=None, target=None):
+        if name == 'tensorflow' or name.startswith('tensorflow.'):
+          raise ImportError('blocked: ' + name)
+
+    sys.meta_path.insert(0, Blocked())
+    from mixer_vit import benchmark, memory, run_setup, steps, models  # noqa: F401
+    assert not any(m == 'tensorflow' or m.startswith('tensorflow.') for m in sys.modules)
+    assert benchmark.main(['--model=testing', '--batch=0']) == 2
+    print('imported without tensorflow')
+    """
+  )
+  env = {**os.environ, 'MIXER_VIT_TCMALLOC': '0'}
+  done = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'imported without tensorflow' in done.stdout
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='cuDNN may run on a GPU')
+def test_attention_impl_flag_reaches_the_model_and_cudnn_elsewhere_fails_in_one_line(capsys):
+  args = ['--model=testing', '--batch=8', '--runs=1', '--warmup=0', '--matmul_size=64']
+  assert benchmark.main([*args, '--num_classes=10', '--attention_impl=cudnn']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "attention_impl='cudnn' cannot run here" in err, err
+  assert benchmark.main([*args, '--num_classes=10', '--attention_impl=xla', '--json']) == 0
+  assert json.loads(capsys.readouterr().out)['images_per_second'] > 0

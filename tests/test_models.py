@@ -18,6 +18,7 @@ import pytest
 from mixer_vit import models
 from mixer_vit import params_io
 from mixer_vit.models import common
+from mixer_vit.models import precision
 from mixer_vit.models import resnet
 from mixer_vit.models import vit
 
@@ -878,3 +879,198 @@ def test_mlp_gelu_equals_flax_and_differentiates_the_same():
   np.testing.assert_allclose(
     grad(common.gelu), grad(functools.partial(nn.gelu, approximate=True)), rtol=1e-6
   )
+
+
+# --------------------------------------------------------------------------
+# Attention padded for cuDNN: the same numbers as unpadded, and 'auto' never picks what raises.
+
+# (model, resolution): ViT-B/16 and ViT-B/32 at 224, ViT-B/16 at 384 (fine-tuning), ViT-H/14
+# (16x16 grid), two hybrids and AugReg's ViT-B/8 and R26+ViT-S/32 at 384.
+_SEQUENCE_MODELS = (
+  ('ViT-B_16', 224),
+  ('ViT-B_32', 224),
+  ('ViT-B_16', 384),
+  ('ViT-H_14', 224),
+  ('R50+ViT-B_16', 224),
+  ('R26+ViT-S_32', 384),
+  ('ViT-B_8', 224),
+)
+
+
+def _sequence_lengths():
+  """(Tq, Tk, head_dim) of every model above (class token included), a 'gap' model's grid, and a
+  MAP head's single query over that grid."""
+  shapes = []
+  for name, resolution in _SEQUENCE_MODELS:
+    config = models.get_model_config(name, image_size=(resolution, resolution))
+    rows, cols = common.token_grid(config)
+    heads = config.transformer.num_heads
+    shapes.append((rows * cols + 1, rows * cols + 1, config.hidden_size // heads))
+  shapes += [(196, 196, 64), (1, 196, 64)]
+  return shapes
+
+
+def test_sequence_lengths_cover_vit_hybrid_and_augreg_token_counts():
+  lengths = {tq for tq, _, _ in _sequence_lengths()}
+  assert {197, 50, 577, 257, 145, 785, 196, 1} <= lengths
+  assert all(t % vit.CUDNN_SEQ_MULTIPLE for t in (197, 50, 577, 257, 145, 785))
+
+
+def _qkv(tq, tk, head_dim, dtype, heads=2, batch=2, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (batch, tq, heads, head_dim)).astype(dtype)
+  k = jax.random.normal(keys[1], (batch, tk, heads, head_dim)).astype(dtype)
+  v = jax.random.normal(keys[2], (batch, tk, heads, head_dim)).astype(dtype)
+  cotangent = jax.random.normal(keys[3], (batch, tq, heads, head_dim))
+  return q, k, v, cotangent
+
+
+def _value_and_grads(fn, q, k, v, cotangent):
+  def loss(q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+
+  out = fn(q, k, v)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('tq,tk,head_dim', _sequence_lengths())
+def test_padded_attention_equals_unpadded_with_gradients(tq, tk, head_dim, dtype):
+  """The 'cudnn' path's padding and lengths, run by XLA: output and q/k/v gradients as unpadded."""
+  q, k, v, cotangent = _qkv(tq, tk, head_dim, jnp.dtype(dtype), seed=tq)
+  padded = jax.jit(lambda q, k, v: vit.padded_attention(q, k, v, 'xla'))
+  plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla'))
+  got = _value_and_grads(padded, q, k, v, cotangent)
+  want = _value_and_grads(plain, q, k, v, cotangent)
+  assert got[0].shape == (2, tq, 2, head_dim)
+  for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, want):
+    if dtype == 'float32':
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6, err_msg=name)
+    else:  # Within bfloat16's rounding (8 significant bits) of the unpadded result.
+      np.testing.assert_allclose(a, b, atol=2**-8, rtol=2**-7, err_msg=name)
+
+
+def test_padded_attention_pads_to_the_multiple_and_masks_the_padding(monkeypatch):
+  """What reaches the kernel: both sequences padded to a multiple of 16, the true lengths given;
+  a huge value in the padding changes nothing (the padded keys are masked, not just zero)."""
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def spy(q, k, v, **kwargs):
+    seen.append((q.shape, k.shape, kwargs))
+    return real(q, k, v, **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  q, k, v, _ = _qkv(197, 197, 64, jnp.bfloat16)
+  out = vit.padded_attention(q, k, v, 'xla')
+  ((q_shape, k_shape, kwargs),) = seen
+  assert q_shape[1] == k_shape[1] == 208 and out.shape == q.shape
+  assert kwargs['implementation'] == 'xla'
+  np.testing.assert_array_equal(kwargs['query_seq_lengths'], [197, 197])
+  np.testing.assert_array_equal(kwargs['key_value_seq_lengths'], [197, 197])
+  seen.clear()
+  vit.padded_attention(q[:, :16], k[:, :16], v[:, :16], 'xla')  # A multiple: no padding.
+  assert seen[0][0][1] == 16 and 'key_value_seq_lengths' not in seen[0][2]
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', real)
+  # Poison the padding itself: the masked keys still get weight 0.
+  poisoned = jnp.pad(v, ((0, 0), (0, 11), (0, 0), (0, 0)), constant_values=1e4)
+  big_k = jnp.pad(k, ((0, 0), (0, 11), (0, 0), (0, 0)), constant_values=30.0)
+  masked = real(
+    vit._pad_tokens(q, 208),
+    big_k,
+    poisoned,
+    query_seq_lengths=jnp.full((2,), 197, jnp.int32),
+    key_value_seq_lengths=jnp.full((2,), 197, jnp.int32),
+    implementation='xla',
+  )[:, :197]
+  np.testing.assert_array_equal(masked, out)
+
+
+@pytest.mark.parametrize('classifier', ['token', 'map'])
+@pytest.mark.parametrize('mixed', [False, True])
+def test_vit_cudnn_path_padded_equals_xla_with_gradients(monkeypatch, classifier, mixed):
+  """A whole ViT (and a MAP head) through the 'cudnn' path, its kernel XLA: the logits and every
+  parameter gradient of the unpadded model, in float32 and mixed precision."""
+  monkeypatch.setattr(vit, '_CUDNN_KERNEL', 'xla')
+  images = _images((2, 20, 20, 3))  # 5x5 patches of 4: 26 tokens, padded to 32.
+  overrides = {'classifier': classifier, 'matmul_dtype': 'bfloat16' if mixed else None}
+  model, params = _init('testing', images, **overrides)
+  labels = jax.nn.one_hot(jnp.arange(2), model.num_classes)
+
+  def loss_and_grads(module):
+    def loss(p):
+      logits = module.apply({'params': p}, images, train=False)
+      return jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * labels, -1)), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, want_logits), want = loss_and_grads(model.clone(attention_impl='xla'))
+  (_, got_logits), got = loss_and_grads(model.clone(attention_impl='cudnn'))
+  # Through two blocks, the head and the backward pass, float32 rounding of sums in another
+  # order: 1e-5 (a key left unmasked moves them by about 1e-1).
+  tol = 1e-5 if not mixed else 1e-3
+  np.testing.assert_allclose(got_logits, want_logits, atol=tol, rtol=tol)
+  for (path, a), b in zip(params_io.flatten(got).items(), params_io.flatten(want).values()):
+    np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=path)
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'tpu', 'cuda', 'rocm'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])
+@pytest.mark.parametrize('head_dim', [4, 64, 80, 88, 104, 128, 160, 256, 264])
+def test_auto_attention_never_resolves_to_a_path_that_raises(platform, dtype, head_dim):
+  """Per platform x dtype x head size (and so every token count: the cuDNN path pads): 'auto' is
+  'explicit' on CPU, 'cudnn' only where cuDNN's checks pass for the padded shapes, else 'xla'."""
+  for head_dim_max in (128, 256):  # Before Hopper, from Hopper on.
+    impl = vit.resolve_attention_impl('auto', dtype, head_dim, platform, head_dim_max)
+    assert impl in ('explicit', 'xla', 'cudnn')
+    if platform == 'cpu':
+      assert impl == 'explicit'
+    elif impl == 'cudnn':
+      assert platform == 'cuda' and dtype != 'float32'
+      assert head_dim % 8 == 0 and head_dim <= head_dim_max
+      for tq, tk in ((197, 197), (50, 50), (577, 577), (257, 257), (1, 196), (145, 145)):
+        padded = [-(-t // vit.CUDNN_SEQ_MULTIPLE) * vit.CUDNN_SEQ_MULTIPLE for t in (tq, tk)]
+        assert all(p % 2 == 0 and p % 8 == 0 for p in padded)  # Every check jax has carried.
+    else:
+      assert impl == 'xla'
+      # GPU half precision that cuDNN takes always gets cuDNN: the fastest measured.
+      assert not (
+        platform == 'cuda'
+        and dtype != 'float32'
+        and vit.cudnn_accepts(head_dim, dtype, head_dim_max)
+      )
+  assert vit.resolve_attention_impl('xla', dtype, head_dim, platform) == 'xla'
+  assert vit.resolve_attention_impl('cudnn', dtype, head_dim, platform) == 'cudnn'
+
+
+_ON_CUDA = jax.default_backend() == 'gpu' and precision.accelerator_platform() == 'cuda'
+
+
+@pytest.mark.skipif(not _ON_CUDA, reason='cuDNN flash attention needs a CUDA GPU')
+@pytest.mark.parametrize('tq,tk,head_dim', _sequence_lengths())
+def test_cudnn_padded_attention_matches_xla_on_a_gpu(tq, tk, head_dim):
+  """On a CUDA GPU: cuDNN on the padded sequences gives XLA's unpadded attention and gradients
+  within bfloat16 rounding, and really runs cuDNN (its fused kernel is in the compiled step)."""
+  if not vit.cudnn_accepts(head_dim, jnp.bfloat16, vit.cudnn_head_dim_max()):
+    pytest.skip(f'head dim {head_dim} is not one cuDNN takes on this GPU')
+  q, k, v, cotangent = _qkv(tq, tk, head_dim, jnp.bfloat16, heads=4, batch=4, seed=tq)
+  padded = jax.jit(lambda q, k, v: vit.padded_attention(q, k, v, 'cudnn'))
+  plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla'))
+  assert 'cudnn' in padded.lower(q, k, v).compile().as_text().lower()
+  got = _value_and_grads(padded, q, k, v, cotangent)
+  want = _value_and_grads(plain, q, k, v, cotangent)
+  for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, want):
+    np.testing.assert_allclose(a, b, atol=2**-6, rtol=2**-6, err_msg=name)
+
+
+@pytest.mark.skipif(not _ON_CUDA, reason='cuDNN flash attention needs a CUDA GPU')
+def test_auto_attention_runs_cudnn_for_a_bfloat16_vit_on_a_gpu():
+  images = _images((4, 32, 32, 3))  # 64 patches + the class token: 65 tokens, padded to 80.
+  model, params = _init('testing', images, dtype='bfloat16')
+  head_dim = model.hidden_size // model.transformer['num_heads']
+  assert vit.resolve_attention_impl('auto', jnp.bfloat16, head_dim) == 'cudnn'
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  assert 'cudnn' in forward.lower(params, images).compile().as_text().lower()
+  want = _run(model.clone(attention_impl='xla'), params, images)
+  np.testing.assert_allclose(forward(params, images), want, atol=5e-2, rtol=5e-2)

@@ -54,6 +54,12 @@ LOWER_LAYERS = {
     'mixer_vit.parallel',
     'mixer_vit.env',
   ),
+  'mixer_vit.run_setup': (
+    'mixer_vit.optim',
+    'mixer_vit.parallel',
+    'mixer_vit.steps',
+    'mixer_vit.env',
+  ),
 }
 
 

@@ -42,21 +42,97 @@ CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn', 'explicit')
 
 
-def resolve_attention_impl(implementation: str, dtype) -> str:
-  """The implementation 'auto' stands for on this backend and dtype: the fastest one measured.
+# cuDNN's flash attention (through jax.nn.dot_product_attention) refused ViT's 197 tokens on an
+# H200 ("Unsupported sequence length Q 197, KV 197", jax 0.11.2) and took them padded to 208 or
+# 256 with the true lengths passed as query_seq_lengths / key_value_seq_lengths (1.48 / 1.54 ms
+# per layer, forward and backward, against XLA's 2.72 ms; batch 256, 12 heads, head dim 64,
+# bfloat16). The 'cudnn' path pads both sequences to a multiple of this (197 -> 208, the faster).
+CUDNN_SEQ_MULTIPLE = 16
+# The kernel `padded_attention` hands the padded sequences to on the 'cudnn' path: cuDNN's. Tests
+# set it to 'xla', which applies the same lengths as a mask, to check the padding on any backend.
+_CUDNN_KERNEL = 'cudnn'
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def cudnn_head_dim_max() -> int:
+  """The largest head dimension cuDNN's flash attention takes on this GPU: 256 from Hopper
+  (compute capability 9.0) on, 128 before (jax's own check)."""
+  capability = str(getattr(jax.devices()[0], 'compute_capability', '0'))
+  major = int(capability.split('.')[0]) if capability.split('.')[0].isdigit() else 0
+  return 256 if major >= 9 else 128
+
+
+def cudnn_accepts(head_dim: int, dtype, head_dim_max: int = 128) -> bool:
+  """Whether cuDNN's flash attention takes these heads once the sequences are padded to a multiple
+  of `CUDNN_SEQ_MULTIPLE` (which the 'cudnn' path does): half-precision inputs, a head dimension
+  that is a multiple of 8 and at most `head_dim_max`."""
+  return jnp.dtype(dtype) in HALF_DTYPES and head_dim % 8 == 0 and 0 < head_dim <= head_dim_max
+
+
+def resolve_attention_impl(
+  implementation: str,
+  dtype,
+  head_dim: int | None = None,
+  platform: str | None = None,
+  head_dim_max: int | None = None,
+) -> str:
+  """The implementation 'auto' stands for on this platform, dtype and head size: the fastest one
+  measured that takes them, never one that raises.
 
   CPU: plain einsum ('explicit'); XLA's fused path was about 10 % slower for a ViT-Ti/16 training
-  step on the 2-core development machine. GPU with half precision: 'cudnn' (flash attention),
-  falling back to 'xla' where cuDNN rejects the shapes. Elsewhere (TPU, GPU float32): 'xla'.
+  step on the 2-core development machine. CUDA GPU with half-precision inputs and a head
+  dimension cuDNN takes (`cudnn_accepts`): 'cudnn', flash attention on the sequences padded to a
+  multiple of `CUDNN_SEQ_MULTIPLE` with the padded keys masked (`padded_attention`), so every
+  token count is taken (197, 577, 50, 257, a hybrid's grid, a MAP head's single query).
+  Elsewhere (TPU, ROCm, float32, other head sizes): 'xla'. `platform` ('cpu', 'tpu', 'cuda',
+  'rocm'; default this machine's) and `head_dim_max` (default this GPU's) are for tests.
   """
   if implementation != 'auto':
     return implementation
-  backend = jax.default_backend()
-  if backend == 'cpu':
+  platform = platform or precision.accelerator_platform()
+  if platform == 'cpu':
     return 'explicit'
-  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return 'cudnn'
+  if platform == 'cuda' and jnp.dtype(dtype) in HALF_DTYPES:
+    if head_dim_max is None:
+      head_dim_max = cudnn_head_dim_max() if jax.default_backend() == 'gpu' else 128
+    if head_dim is None or cudnn_accepts(head_dim, dtype, head_dim_max):
+      return 'cudnn'
   return 'xla'
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _pad_tokens(x, length: int):
+  """(B, T, heads, head_dim) with zeros appended along T up to `length`."""
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+
+
+def padded_attention(q, k, v, kernel: str = 'cudnn', multiple: int = CUDNN_SEQ_MULTIPLE):
+  """softmax(q k^T / sqrt(d)) v with queries and keys padded to a multiple of `multiple` tokens.
+
+  q (B, Tq, heads, d), k and v (B, Tk, heads, d). The padding is zeros; `query_seq_lengths` and
+  `key_value_seq_lengths` (Tq, Tk for every example) make `jax.nn.dot_product_attention` mask the
+  padded keys out of every softmax (their weights are exactly 0) and skip the padded queries, whose
+  rows are then cut off: the result, and its gradients, are those of the unpadded attention.
+  `kernel`: 'cudnn' (flash attention, which refuses lengths such as 197) or 'xla' (the same
+  lengths applied as a mask: how the padding is tested on any backend).
+  """
+  tq, tk = q.shape[1], k.shape[1]
+  pq, pk = _round_up(tq, multiple), _round_up(tk, multiple)
+  if (pq, pk) == (tq, tk):
+    return jax.nn.dot_product_attention(q, k, v, implementation=kernel)
+  batch = q.shape[0]
+  out = jax.nn.dot_product_attention(
+    _pad_tokens(q, pq),
+    _pad_tokens(k, pk),
+    _pad_tokens(v, pk),
+    query_seq_lengths=jnp.full((batch,), tq, jnp.int32),
+    key_value_seq_lengths=jnp.full((batch,), tk, jnp.int32),
+    implementation=kernel,
+  )
+  return out[:, :tq]
 
 
 @jax.custom_jvp
@@ -78,11 +154,18 @@ def _softmax_jvp(primals, tangents):
 
 
 def _fused_attention(q, k, v, implementation: str, fallback: bool = False):
-  """softmax(q k^T / sqrt(d)) v via jax.nn.dot_product_attention; ``fallback``: cudnn -> xla."""
-  if implementation == 'cudnn' and fallback:
+  """softmax(q k^T / sqrt(d)) v via jax.nn.dot_product_attention: 'xla', or 'cudnn' on sequences
+  padded for it (`padded_attention`); ``fallback``: where cuDNN raises while tracing, 'xla'."""
+  if implementation == 'cudnn':
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
-    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      return padded_attention(q, k, v, _CUDNN_KERNEL)
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+      if not fallback:
+        reason = str(e).strip().splitlines()[0].rstrip('.') if str(e).strip() else type(e).__name__
+        raise ValueError(
+          f"attention_impl='cudnn' cannot run here ({reason}; {q.dtype} heads of {q.shape[-1]} on "
+          f"{jax.default_backend()}); set model.attention_impl='auto' or 'xla'."
+        ) from None
       implementation = 'xla'
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
@@ -128,7 +211,7 @@ class MultiHeadDotProductAttention(nn.Module):
     use_dropout = self.dropout_rate > 0 and not self.deterministic
     mixed = self.matmul_dtype is not None
     implementation = resolve_attention_impl(
-      self.implementation, self.matmul_dtype if mixed else q.dtype
+      self.implementation, self.matmul_dtype if mixed else q.dtype, head_dim
     )
     if self.return_weights or use_dropout or implementation == 'explicit':
       q = q / jnp.sqrt(head_dim).astype(q.dtype)
