@@ -392,15 +392,16 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict) -> Laun
   changes = config_changes(previous, _plain(config))
   fixed = [k for k in changes if not is_resumable_key(k)]
   if fixed and not config.get('allow_config_change', False):
-    lines = '\n'.join(
-      f'  {k}: {_value_text(changes[k][0])} -> {_value_text(changes[k][1])}' for k in fixed
+    lines = '; '.join(
+      f'{k}: {_value_text(changes[k][0])} -> {_value_text(changes[k][1])}' for k in fixed
     )
     accepted = [k for k in changes if k not in fixed]
     also = f' (These may change and would be accepted: {", ".join(accepted)}.)' if accepted else ''
     kept = f'checkpoints of steps {steps_on_disk}' if steps_on_disk else 'no checkpoint yet'
     raise ConfigChangeError(
-      f'{workdir} holds a run trained with another config (its {CONFIG_FILE}; {kept}). Resuming it with this config would change what is trained:\n'
-      f'{lines}\nNothing in {workdir} was changed.{also} Either resume with the values above '
+      f'{workdir} holds a run trained with another config (its {CONFIG_FILE}; {kept}). '
+      f'Resuming it with this config would change what is trained: {lines}. Nothing in '
+      f'{workdir} was changed.{also} Either resume with the values above '
       '(drop the overrides or restore the config file), or start a new run with another '
       '--workdir, or accept the change on purpose with --config.allow_config_change=True (it '
       f'is recorded in {paths.join(workdir, HISTORY_FILE)}).'
@@ -919,9 +920,9 @@ def restore_newest(
     return state, step
   if not failed:
     raise FileNotFoundError(f'no checkpoint in {directory}.')
-  reasons = '\n'.join(f'  {directory}/{step}: {reason}' for step, reason in failed)
+  reasons = '; '.join(f'{directory}/{step}: {reason}' for step, reason in failed)
   raise CheckpointRestoreError(
-    f'none of the checkpoints in {directory} can be restored:\n{reasons}\nIf the config '
+    f'none of the checkpoints in {directory} can be restored ({reasons}). If the config '
     "changed what is trained since they were written, resume with the workdir's config.json. "
     'Otherwise the files are damaged: move them out of the way to start over (nothing was '
     'changed).'
