@@ -60,10 +60,18 @@ _MULTIHOST = flags.DEFINE_bool(
 
 
 def _quiet_orbax():
-  """Orbax logs every save step by step at INFO; keep its warnings, drop the rest."""
+  """Orbax logs every save step by step at INFO; keep its warnings, drop the rest. A full disk
+  is one ``error:`` line (``train``), not Orbax's tracebacks of each thread that failed."""
 
   def keep(record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    text = record.getMessage()
+    if record.exc_info:
+      text += ''.join(traceback.format_exception(*record.exc_info))
+    return 'No space left on device' not in text
 
   logging.get_absl_logger().addFilter(keep)
 
@@ -108,7 +116,9 @@ def _config_path_error(value: str) -> str | None:
   path, sep, arg = value.partition(':')
   if path.endswith('.py') and os.path.isfile(path):
     return None
-  if path.endswith('.py') or not path:
+  if not path:
+    return 'error: --config is empty; give a config file, e.g. --config=configs/digits.py.'
+  if path.endswith('.py'):
     return (
       f'error: config file {path} not found (--config={value}); give the path of a config '
       'file, e.g. --config=configs/digits.py (run from the project root).'

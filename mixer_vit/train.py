@@ -5,8 +5,11 @@
 device mesh (``mixer_vit.parallel``), and writes the run to ``workdir`` (``mixer_vit.workdir``
 lists its files). Restarting with the same workdir resumes from the latest checkpoint at the same
 data position (a checkpoint that cannot be restored is moved aside and the one before used). A
-relaunch whose config changes what is trained is refused, and only one run at a time may use a
-workdir (``mixer_vit.workdir``). This module only runs the loop: tools import ``steps`` and
+relaunch whose config changes what is trained is refused, only one run at a time may use a
+workdir, and a folder of other files is never written to (``mixer_vit.workdir``). The final
+step's checkpoint and ``params.npz`` are written before the final evaluation, so a failing
+evaluation loses no training. Image folders are checked before the first step (empty class
+folders, images of another size where the preprocessing does not resize). This module only runs the loop: tools import ``steps`` and
 ``workdir``, not it.
 """
 
@@ -16,6 +19,7 @@ import dataclasses
 import errno
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -196,8 +200,10 @@ def _disk_full(error: BaseException) -> str | None:
     seen.add(id(error))
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
       return f'{error.strerror}: {error.filename}' if error.filename else str(error.strerror)
-    if 'No space left on device' in str(error):
-      return str(error).strip().splitlines()[0][:300]
+    text = str(error)
+    if 'No space left on device' in text:  # Orbax / TensorStore: the last file it names.
+      named = re.findall(r'"([^"]+)"', text.split('No space left on device')[0])
+      return f'No space left on device: {named[-1]}' if named else 'No space left on device'
     error = error.__cause__ or error.__context__
   return None
 
@@ -247,8 +253,11 @@ def train_and_evaluate(
   Raises:
     NonFiniteLossError: the loss, gradients or parameters became NaN/inf; the checkpoints written
       before are kept.
-    workdir.ConfigChangeError: the workdir holds checkpoints of another config (nothing written).
+    workdir.ConfigChangeError: the workdir holds a run of another config (nothing written).
     workdir.WorkdirBusyError: another run trains in the workdir (nothing written).
+    workdir.WorkdirError: ``workdir`` is empty, a file, a folder of other files, unwritable, or a
+      finished run without checkpoints (nothing written); or the disk filled up (one line; the
+      checkpoints written before are kept).
     workdir.CheckpointRestoreError: no checkpoint of the workdir can be restored.
   """
   mesh = mesh or parallel.mesh_from_config(config)
@@ -294,6 +303,7 @@ def train_and_evaluate(
     else:
       state = _initial_state(config, model_config, tx, init, init_key, sharding)
     manager = workdir_lib.make_manager(workdir, config)
+    workdir_lib.quiet_closed_loops()  # A failed save (full disk): one error, not a traceback each.
     if primary:
       metrics.discard_after(workdir, start_step, evaluations_at_step=start_step >= total)
       workdir_lib.record_launch(workdir, launch, start_step)

@@ -842,10 +842,10 @@ def _drop(unraisable) -> bool:
   )
 
 
-def _quiet_closed_loops() -> None:
+def quiet_closed_loops() -> None:
   """After a failed restore, Orbax's TensorStore reads still under way find their event loop
   closed, and each prints a traceback (through ``sys.unraisablehook``) while the warning has said
-  what failed. Drops just those (from now on; they are never more than that noise)."""
+  what failed; so do its writes after a failed save (a full disk), whose error is raised. Drops just those (from now on; they are never more than that noise)."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loops', False):
     return
@@ -887,7 +887,7 @@ def restore_newest(
     CheckpointRestoreError: none restores (then nothing is moved); lists each with its reason.
   """
   directory = checkpoint_dir(workdir)
-  _quiet_closed_loops()
+  quiet_closed_loops()
   failed = []
   for step in reversed(checkpoint_steps(workdir)):
     # A fresh manager each time: one that failed on a damaged checkpoint may fail on the rest.

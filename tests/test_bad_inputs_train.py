@@ -424,6 +424,23 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(trained, tmp_path, monkeypa
   assert train.train_and_evaluate(config, workdir)['step'] == TOTAL + 4
 
 
+def test_a_full_disk_inside_orbax_names_the_file():
+  inner = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "params.head/0" in OCDBT database at local file '
+    '"/w/checkpoints/5.orbax-checkpoint-tmp/": Failed writing: "/w/checkpoints/5/d/83df": Failed '
+    "to write 533170 bytes to file 5: No space left on device [os_error_code='28']"
+  )
+  try:
+    try:
+      raise inner
+    except ValueError as e:
+      raise RuntimeError('Save Finalize thread (save_finalize) failed.') from e
+  except RuntimeError as e:
+    outer = e
+  assert train._disk_full(outer) == 'No space left on device: /w/checkpoints/5/d/83df'
+  assert train._disk_full(OSError(errno.EACCES, 'Permission denied', '/w')) is None
+
+
 def test_a_failing_final_evaluation_keeps_the_trained_state(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   config = tiny_config(total_steps=3, checkpoint_every=1000)
@@ -521,7 +538,7 @@ def test_bad_config_arguments_name_the_argument(spec, culprit):
     ('configs/cifar10', '--config=configs/cifar10.py.'),
     ('configs', 'configs is a folder'),
     ('README.md', 'README.md is not a config file'),
-    ('', 'config file  not found'),
+    ('', '--config is empty'),
   ],
 )
 def test_config_paths_are_one_line(value, culprit, monkeypatch):
