@@ -189,7 +189,7 @@ def main(argv):
   import jax  # noqa: PLC0415
 
   distributed = jax.process_count() > 1
-  if not distributed:  # Multi-host runs leave SIGTERM to JAX's preemption service.
+  if not distributed and not _DRY_RUN.value:  # Multi-host runs: JAX's preemption service.
     train.catch_sigterm()
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())
   try:

@@ -139,7 +139,8 @@ _CONFIG_KEYS = ('dataset', 'model_name', 'total_steps', 'pp_train', 'batch_size'
 
 
 def _is_lock_name(name: str) -> bool:
-  return name == LOCK_FILE or name.startswith(LOCK_FILE + '.')
+  """A lock file, or the marker's temporary file (a run that stopped while marking)."""
+  return name in (LOCK_FILE, MARKER_FILE + '.tmp') or name.startswith(LOCK_FILE + '.')
 
 
 def _project_config(path: str) -> bool:
