@@ -337,6 +337,10 @@ def train_and_evaluate(
 
     if start_step >= total:
       logging.info('Already trained to step %d of %d; evaluating only.', start_step, total)
+      # Written again: a run stopped between its final checkpoint and params.npz has none.
+      params = parallel.to_host((state.params, steps.ema_params_of(state)))  # Every process.
+      if primary:
+        workdir_lib.save_params(workdir, *params)
       run_eval(start_step)
     started = time.perf_counter()
     with _Preemption() as preemption:  # Until the end: a SIGTERM after the last step is ignored.

@@ -454,7 +454,9 @@ def test_a_failing_final_evaluation_keeps_the_trained_state(tmp_path, monkeypatc
   assert workdir_lib.checkpoint_steps(workdir) == [3]
   assert os.path.exists(os.path.join(workdir, workdir_lib.PARAMS_FILE))
   monkeypatch.undo()
+  os.remove(os.path.join(workdir, workdir_lib.PARAMS_FILE))  # As if killed before writing it.
   result = train.train_and_evaluate(config, workdir)  # Evaluates only: nothing trained again.
+  assert os.path.exists(os.path.join(workdir, workdir_lib.PARAMS_FILE))
   assert result['step'] == 3 and 'test_accuracy' in result
   rows = metrics.read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
   assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3]
