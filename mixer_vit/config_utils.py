@@ -165,11 +165,56 @@ def parse_arg(
       )
     default = defaults[name]
     if isinstance(default, bool):
+      if value.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise ValueError(
+          f'config argument {arg!r}: {name}={value!r} is not a bool; give {name}=true or '
+          f'{name}=false.'
+        )
       value = value.lower() in ('1', 'true', 'yes')
     elif default is not None:
-      value = type(default)(value)
+      try:
+        value = type(default)(value)
+      except (TypeError, ValueError):
+        raise ValueError(
+          f'config argument {arg!r}: {name}={value!r} is not a valid '
+          f'{type(default).__name__}; give e.g. {name}={default}.'
+        ) from None
     result[name] = value
   return result
+
+
+# Keys that count or size something: a value <= 0 is refused naming the key (check_positive).
+_POSITIVE_KEYS = ('total_steps', 'batch_size', 'eval_batch_size', 'accum_steps')
+_POSITIVE_MODEL_WORDS = ('size', 'dim', 'num_', 'heads', 'layers', 'blocks', 'width', 'depth')
+
+
+def check_positive(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first count or size of ``config`` that is not positive: the
+  step count, batch sizes, and the model's sizes (``config.model``: hidden sizes, dims, counts of
+  layers, heads and blocks, patch sizes)."""
+  for key in _POSITIVE_KEYS:
+    value = config.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      raise ValueError(f'config.{key} must be >= 1 (got {value}); e.g. --config.{key}=1 or more.')
+  if config.get('warmup_steps', 0) < 0:
+    raise ValueError(f'config.warmup_steps must be >= 0 (got {config.warmup_steps}).')
+
+  def visit(tree: Any, prefix: str) -> None:
+    for key, value in tree.items():
+      name = f'{prefix}.{key}'
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        visit(value, name)
+        continue
+      if not any(word in name.rsplit('.', 1)[-1] for word in _POSITIVE_MODEL_WORDS):
+        continue
+      numbers = value if isinstance(value, (tuple, list)) else (value,)
+      bad = [v for v in numbers if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+      if bad:
+        raise ValueError(f'config.{name} must be positive (got {value!r}).')
+
+  model = config.get('model')
+  if isinstance(model, (dict, ml_collections.ConfigDict)):
+    visit(model, 'model')
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -9,7 +9,11 @@ Running the same command again resumes from the workdir's latest checkpoint; a c
 what is trained is refused then (``--config.allow_config_change=True`` accepts it, recorded in the
 workdir's config_history.jsonl), and so is a second run on a workdir in use. ``--dry_run`` compiles
 the train step for the config's mesh, prints its per-device memory and exits (``mixer_vit.memory``). SIGTERM saves a
-checkpoint and exits with status 0; errors are one ``error: ...`` message with status 1.
+checkpoint and exits with status 0. A first Ctrl-C (SIGINT) saves one too and exits with status 130
+(the shells' status for Ctrl-C, so that a script's loop stops as well); a second Ctrl-C exits at
+once (status 130; the steps since the last checkpoint are lost). Errors are one ``error: ...`` message with
+status 1. The workdir must be new, empty, or a workdir of this project (``mixer_vit.workdir``): a
+folder of other files is refused.
 
 Speed: on Linux the process re-executes itself once with tcmalloc preloaded
 (``LD_PRELOAD=libtcmalloc_minimal.so.4``) when that library is installed, which makes XLA on CPU
@@ -56,12 +60,34 @@ _MULTIHOST = flags.DEFINE_bool(
 
 
 def _quiet_orbax():
-  """Orbax logs every save step by step at INFO; keep its warnings, drop the rest."""
+  """Orbax logs every save step by step at INFO; keep its warnings, drop the rest. A full disk
+  is one ``error:`` line (``train``), not Orbax's tracebacks of each thread that failed."""
 
   def keep(record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    text = record.getMessage()
+    if record.exc_info:
+      text += ''.join(traceback.format_exception(*record.exc_info))
+    return 'No space left on device' not in text
 
   logging.get_absl_logger().addFilter(keep)
+
+
+def _config_file_error(error: flags.Error) -> str | None:
+  """The one line of an error raised by the config file's ``get_config`` (e.g. a bad ``:arg``
+  value), which ml_collections wraps in its traceback; None for other flag errors."""
+  text = str(error)
+  if 'Error whilst parsing config file' not in text:
+    return None
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  last = lines[-1]
+  name, _, message = last.partition(': ')
+  if message and name.replace('.', '').isidentifier() and name.endswith(('Error', 'Exception')):
+    last = message
+  return f'error: {lines[0].split(": Error whilst")[0].removeprefix("flag ")}: {last}'
 
 
 def parse_flags(argv):
@@ -69,6 +95,9 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    line = _config_file_error(e)
+    if line is not None:
+      sys.exit(line)
     sys.exit(f'FATAL Flags parsing error: {e}\nPass --help to see help on flags.')
   except (AttributeError, KeyError) as e:  # ml_collections: the key path does not exist.
     overrides = [a for a in argv[1:] if a.startswith(('--config.', '-config.'))]
@@ -82,9 +111,45 @@ def parse_flags(argv):
     )
 
 
+def _config_path_error(value: str) -> str | None:
+  """Why ``--config=value`` names no config file (one line), or None."""
+  path, sep, arg = value.partition(':')
+  if path.endswith('.py') and os.path.isfile(path):
+    return None
+  if not path:
+    return 'error: --config is empty; give a config file, e.g. --config=configs/digits.py.'
+  if path.endswith('.py'):
+    return (
+      f'error: config file {path} not found (--config={value}); give the path of a config '
+      'file, e.g. --config=configs/digits.py (run from the project root).'
+    )
+  if os.path.isdir(path):
+    found = sorted(n for n in os.listdir(path) if n.endswith('.py') and not n.startswith('_'))
+    example = os.path.join(path, found[0]) if found else 'configs/digits.py'
+    return (
+      f'error: --config={value}: {path} is a folder; give a config file (.py) in it, e.g. '
+      f'--config={example}{sep}{arg}.'
+    )
+  if os.path.isfile(path + '.py'):
+    return (
+      f'error: --config={value}: no file {path}; config files end in .py: '
+      f'--config={path}.py{sep}{arg}.'
+    )
+  if os.path.isfile(path):
+    return (
+      f'error: --config={value}: {path} is not a config file; give a Python file with a '
+      'get_config() function, e.g. --config=configs/digits.py.'
+    )
+  return (
+    f'error: config file {path} not found (--config={value}); give the path of a config '
+    'file (.py), e.g. --config=configs/digits.py (run from the project root).'
+  )
+
+
 def check_config_file(argv: list[str]) -> None:
-  """Exits at once with one line when the ``--config`` file does not exist (before the seconds
-  of importing JAX and TensorFlow, and absl's long report)."""
+  """Exits at once with one line when ``--config`` names no config file: missing, a folder, a
+  file that is not ``.py``, a path without its ``.py`` (before the seconds of importing JAX and
+  TensorFlow, and absl's long report)."""
   for i, arg in enumerate(argv[1:], 1):
     if arg in ('--config', '-config') and i + 1 < len(argv):
       value = argv[i + 1]
@@ -92,12 +157,9 @@ def check_config_file(argv: list[str]) -> None:
       value = arg.split('=', 1)[1]
     else:
       continue
-    path = value.split(':', 1)[0]
-    if path.endswith('.py') and not os.path.isfile(path):
-      sys.exit(
-        f'error: config file {path} not found (--config={value}); give the path of a config '
-        'file, e.g. --config=configs/digits.py (run from the project root).'
-      )
+    error = _config_path_error(value)
+    if error:
+      sys.exit(error)
 
 
 def _exit(status: int, distributed: bool = False) -> None:
@@ -127,7 +189,7 @@ def main(argv):
   import jax  # noqa: PLC0415
 
   distributed = jax.process_count() > 1
-  if not distributed:  # Multi-host runs leave SIGTERM to JAX's preemption service.
+  if not distributed and not _DRY_RUN.value:  # Multi-host runs: JAX's preemption service.
     train.catch_sigterm()
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())
   try:
@@ -137,11 +199,13 @@ def main(argv):
         print(report.summary())
       _exit(0, distributed)
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (workdir_lib.WorkdirError, train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+  except (workdir_lib.WorkdirError, train.NonFiniteLossError, ValueError, OSError) as e:
     logging.debug('%s', traceback.format_exc())  # With --verbosity=1.
     print(f'error: {e}', file=sys.stderr)
     _exit(1)
   logging.info('Finished: %s', result)
+  if result['stopped_early'] and train.stopped_by_ctrl_c():
+    _exit(train.CTRL_C_EXIT_STATUS, distributed)
   _exit(0, distributed)
 
 

@@ -5,15 +5,21 @@
 device mesh (``mixer_vit.parallel``), and writes the run to ``workdir`` (``mixer_vit.workdir``
 lists its files). Restarting with the same workdir resumes from the latest checkpoint at the same
 data position (a checkpoint that cannot be restored is moved aside and the one before used). A
-relaunch whose config changes what is trained is refused, and only one run at a time may use a
-workdir (``mixer_vit.workdir``). This module only runs the loop: tools import ``steps`` and
+relaunch whose config changes what is trained is refused, only one run at a time may use a
+workdir, and a folder of other files is never written to (``mixer_vit.workdir``). The final
+step's checkpoint and ``params.npz`` are written before the final evaluation, so a failing
+evaluation loses no training. Image folders are checked before the first step (empty class
+folders, images of another size where the preprocessing does not resize). This module only runs the loop: tools import ``steps`` and
 ``workdir``, not it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
+import re
 import signal
 import threading
 import time
@@ -26,6 +32,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from mixer_vit import config_utils
 from mixer_vit import data
 from mixer_vit import fewshot
 from mixer_vit import metrics
@@ -41,28 +48,52 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping on SIGTERM.
+# Stopping on SIGTERM and Ctrl-C (SIGINT).
 
 
-_SIGTERM = threading.Event()
+_SIGTERM = threading.Event()  # Set by SIGTERM or the first Ctrl-C: save and stop.
+_CTRL_C = threading.Event()  # The first Ctrl-C came.
+_EXIT_ON_SECOND_CTRL_C = [False]  # The command line: a second Ctrl-C ends the process at once.
+CTRL_C_EXIT_STATUS = 130  # The shells' status for a command ended by Ctrl-C (128 + SIGINT).
 
 
-def _on_sigterm(*_):
+def _on_sigterm(signum=signal.SIGTERM, _frame=None):
+  if signum == signal.SIGINT:
+    if _CTRL_C.is_set():
+      if _EXIT_ON_SECOND_CTRL_C[0]:
+        os.write(2, b'\nSecond Ctrl-C: exiting now, without a checkpoint.\n')
+        os._exit(CTRL_C_EXIT_STATUS)
+      raise KeyboardInterrupt
+    _CTRL_C.set()
+    os.write(
+      2,
+      b'\nCtrl-C: saving a checkpoint at the next step, then stopping (press Ctrl-C again to '
+      b'exit at once, losing the steps since the last checkpoint).\n',
+    )
   _SIGTERM.set()
 
 
 def catch_sigterm() -> None:
-  """For a command's whole life (single process): SIGTERM stops the training at the next step with
-  a checkpoint; one after the last step only lets the run finish (it then exits normally)."""
+  """For a command's whole life (single process): SIGTERM, or a first Ctrl-C (SIGINT), stops the
+  training at the next step with a checkpoint; one after the last step only lets the run finish
+  (it then exits normally). A second Ctrl-C ends the process at once (status 130)."""
+  _EXIT_ON_SECOND_CTRL_C[0] = True
   signal.signal(signal.SIGTERM, _on_sigterm)
+  signal.signal(signal.SIGINT, _on_sigterm)
+
+
+def stopped_by_ctrl_c() -> bool:
+  """Whether a Ctrl-C (SIGINT) asked the run to stop: the command line then exits with
+  ``CTRL_C_EXIT_STATUS`` after saving."""
+  return _CTRL_C.is_set()
 
 
 class _Preemption:
-  """Tells the loop to save and stop: on SIGTERM (single process), or at the preemption sync
-  point JAX's coordination service sets on every host (multi-host)."""
+  """Tells the loop to save and stop: on SIGTERM or a first Ctrl-C (single process), or at the
+  preemption sync point JAX's coordination service sets on every host (multi-host)."""
 
   def __init__(self):
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if (
@@ -71,12 +102,15 @@ class _Preemption:
       and signal.getsignal(signal.SIGTERM) is not _on_sigterm  # Else caught all along.
     ):
       _SIGTERM.clear()
-      self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
+      _CTRL_C.clear()
+      for number in (signal.SIGTERM, signal.SIGINT):
+        self._previous[number] = signal.signal(number, _on_sigterm)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, previous in self._previous.items():
+      signal.signal(number, previous)
+    self._previous = {}
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -93,6 +127,7 @@ class _Preemption:
 
 def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """What can be checked before the data is read or anything written."""
+  config_utils.check_positive(config)  # Steps, batch and model sizes: the key named.
   steps.make_model(config, num_classes=1)  # The model name and keys.
   settings = run_setup.RunSettings.from_config(config)  # EMA, loss, accum_steps, mesh.
   parallel.check_mesh(settings.mesh, mesh)
@@ -103,8 +138,6 @@ def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       data.preprocess.parse(config[key])
     except ValueError as e:
       raise ValueError(f'config.{key}: {e}') from None
-  if config.total_steps < 0:
-    raise ValueError(f'total_steps must be >= 0 (got {config.total_steps}).')
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
     if config[key] <= 0:
       raise ValueError(f'{key} must be positive (got {config[key]}).')
@@ -151,6 +184,22 @@ class _History:
     return result
 
 
+def _disk_full(error: BaseException) -> str | None:
+  """One line naming the file when ``error`` (or an error it came from, e.g. inside Orbax) is a
+  full disk or quota; else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return f'{error.strerror}: {error.filename}' if error.filename else str(error.strerror)
+    text = str(error)
+    if 'No space left on device' in text:  # Orbax / TensorStore: the last file it names.
+      named = re.findall(r'"([^"]+)"', text.split('No space left on device')[0])
+      return f'No space left on device: {named[-1]}' if named else 'No space left on device'
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _check_pretrained(path: str):
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
@@ -193,8 +242,11 @@ def train_and_evaluate(
   Raises:
     NonFiniteLossError: the loss, gradients or parameters became NaN/inf; the checkpoints written
       before are kept.
-    workdir.ConfigChangeError: the workdir holds checkpoints of another config (nothing written).
+    workdir.ConfigChangeError: the workdir holds a run of another config (nothing written).
     workdir.WorkdirBusyError: another run trains in the workdir (nothing written).
+    workdir.WorkdirError: ``workdir`` is empty, a file, a folder of other files, unwritable, or a
+      finished run without checkpoints (nothing written); or the disk filled up (one line; the
+      checkpoints written before are kept).
     workdir.CheckpointRestoreError: no checkpoint of the workdir can be restored.
   """
   mesh = mesh or parallel.mesh_from_config(config)
@@ -203,15 +255,20 @@ def train_and_evaluate(
   total = config.total_steps
   plan = run_setup.RunPlan.from_config(config, mesh)  # Settings, schedule and optimiser.
   # Refused relaunches and bad settings end here, with the workdir as it was.
+  workdir_lib.check_ownership(workdir)  # A folder of other files is refused, untouched.
   workdir_lib.check_config_change(workdir, config)
   if config.pretrained and not workdir_lib.checkpoint_steps(workdir):
     _check_pretrained(config.pretrained)
   info = data.get_info(config)
+  data.check_image_sizes(config)  # Image folders: one size per split, or a resize.
 
   lock = workdir_lib.lock_workdir(workdir)  # One writer, from before its first write.
   manager = writer = train_iter = None
   try:
-    launch = workdir_lib.check_config_change(workdir, config)  # Again, now under the lock.
+    ownership = workdir_lib.check_ownership(workdir)  # Again, now under the lock.
+    if primary:
+      workdir_lib.mark_workdir(workdir, ownership)
+    launch = workdir_lib.check_config_change(workdir, config)
     start_step = launch.checkpoints[-1] if launch.checkpoints else 0
     train_iter = data.make_train_iterator(config, mesh, start_step)
     batch = next(train_iter)
@@ -231,6 +288,7 @@ def train_and_evaluate(
     else:
       state = _initial_state(config.pretrained, setup, init_key)
     manager = workdir_lib.make_manager(workdir, config)
+    workdir_lib.quiet_closed_loops()  # A failed save (full disk): one error, not a traceback each.
     if primary:
       metrics.discard_after(workdir, start_step, evaluations_at_step=start_step >= total)
       workdir_lib.record_launch(workdir, launch, start_step)
@@ -266,6 +324,10 @@ def train_and_evaluate(
 
     if start_step >= total:
       logging.info('Already trained to step %d of %d; evaluating only.', start_step, total)
+      # Written again: a run stopped between its final checkpoint and params.npz has none.
+      params = parallel.to_host((state.params, steps.ema_params_of(state)))  # Every process.
+      if primary:
+        workdir_lib.save_params(workdir, *params)
       run_eval(start_step)
     started = time.perf_counter()
     with _Preemption() as preemption:  # Until the end: a SIGTERM after the last step is ignored.
@@ -283,13 +345,22 @@ def train_and_evaluate(
           writer.write_scalars(step, {k: v for k, v in values.items() if k != 'eta_s'})
           metrics.log(metrics.console_line(step, total, values))
           result.update(values, step=step)
+        if final:  # The trained state is kept before the final evaluation, which may fail.
+          history.check_finite(workdir, last_saved)
+          throughput.pause()
+          workdir_lib.save_checkpoint(manager, step, state, force=True)
+          last_saved = step
+          params = parallel.to_host((state.params, steps.ema_params_of(state)))  # Every process.
+          if primary:
+            workdir_lib.save_params(workdir, *params)
+          throughput.resume()
         if step % config.eval_every == 0 or final:
           run_eval(step)
         if fewshot_eval and fewshot_eval.due(step, final):
           throughput.pause()
           result.update(fewshot_eval.run_and_write(step, total, state.params, writer))
           throughput.resume()
-        if final or stop or manager.should_save(step):
+        if not final and (stop or manager.should_save(step)):
           history.check_finite(workdir, last_saved)
           throughput.pause()
           workdir_lib.save_checkpoint(manager, step, state, force=True)
@@ -306,10 +377,6 @@ def train_and_evaluate(
           result['stopped_early'] = True
           break
       manager.wait_until_finished()
-      if not result['stopped_early']:  # On every process: gathers sharded arrays.
-        params = parallel.to_host((state.params, steps.ema_params_of(state)))
-        if primary:
-          workdir_lib.save_params(workdir, *params)
     # From the first step on: compilation, evaluations and checkpoints included, set-up not.
     result['train_seconds'] = time.perf_counter() - started
     logging.info(
@@ -318,6 +385,14 @@ def train_and_evaluate(
       result['step'],
       metrics.format_duration(result['train_seconds']),
     )
+  except Exception as e:
+    full = _disk_full(e)
+    if full is None:
+      raise
+    raise workdir_lib.WorkdirError(
+      f'no space left to write in {workdir} ({full}): free some space, or move the workdir to '
+      'another disk, then run the same command again (it resumes from its last checkpoint).'
+    ) from e
   finally:
     try:
       for part in (train_iter, manager, writer):

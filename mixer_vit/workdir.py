@@ -13,6 +13,8 @@
     params_ema.npz         the final EMA parameters (config.ema_decay), in the same layout
     train.lock             held by the training run using the workdir: its host and PID (an
                            fcntl lock locally, a lease renewed every minute on gs:// and other URLs)
+    .mixer_vit_workdir     the marker: written when the trainer creates (or claims an empty) folder;
+                           JSON with a creation id, time, host and PID
 
 WORKDIR may be a local path or a URL (``gs://bucket/run``, ``ram://run``): every file above except
 the Orbax checkpoints is read and written through ``mixer_vit.paths``; Orbax gets the same URL.
@@ -24,15 +26,22 @@ its latest parameters (or, with ``ema=True``, their EMA) from a workdir, which i
 command-line tools start from.
 
 What a relaunch may rely on:
+- Ownership: the trainer writes only in a folder it made (``.mixer_vit_workdir`` marks it), a new
+  or empty one (then marked), or a workdir of this project written before the marker existed
+  (``config.json`` of this project's config and checkpoints, a ``train.lock`` or a
+  ``config_history.jsonl``: marked, with a log line). Any other non-empty folder is refused before
+  anything is written (``check_ownership``), naming some of the files found.
 - One writer: a training run holds ``train.lock`` (process i > 0 of a multi-process run
   ``train.lock.<i>``) from before its first write until it ends; a second run is refused with the
   holder's host and PID. The OS drops the lock when the process ends, however it ends. Readers
   (``load_workdir``, the tools) never take it. On a URL (an object store has no locks) the run
   holds a lease file instead (``LeaseLock``): refused while fresh, taken over once stale.
-- The config contract: once a workdir has checkpoints, a config that differs in a key outside
-  ``RESUMABLE_KEYS`` is refused before anything is written (``check_config_change``), unless
-  ``allow_config_change=True``; every launch and its changes are appended to
-  ``config_history.jsonl``.
+- The config contract: once a workdir has a ``config.json``, a config that differs in a key
+  outside ``RESUMABLE_KEYS`` is refused before anything is written (``check_config_change``),
+  unless ``allow_config_change=True``, whether or not checkpoints were written yet; every launch
+  and its changes are appended to ``config_history.jsonl``. A finished run (``params.npz``, or
+  metrics up to its ``total_steps``) whose checkpoints are gone is refused whatever the config:
+  training again would replace its results.
 - Fallback: a checkpoint that cannot be restored is reported and the one before it is used
   (``restore_newest``); the trainer moves the bad one aside, never deletes it.
 """
@@ -73,6 +82,7 @@ PARAMS_FILE = 'params.npz'
 PARAMS_EMA_FILE = 'params_ema.npz'
 HISTORY_FILE = 'config_history.jsonl'
 LOCK_FILE = 'train.lock'
+MARKER_FILE = '.mixer_vit_workdir'
 CORRUPT_SUFFIX = '.corrupt'
 
 # Keys a resumed run may change: how long it runs, what it logs, evaluates and keeps, where and how
@@ -118,6 +128,93 @@ class WorkdirBusyError(WorkdirError):
 
 class CheckpointRestoreError(WorkdirError):
   """No checkpoint of the workdir can be restored."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership: the trainer writes only in folders it made.
+
+NEW, OURS, ADOPT = 'new', 'ours', 'adopt'
+# Keys every config.json of this project has (config_utils.base_config), old ones included.
+_CONFIG_KEYS = ('dataset', 'model_name', 'total_steps', 'pp_train', 'batch_size')
+
+
+def _is_lock_name(name: str) -> bool:
+  """A lock file, or the marker's temporary file (a run that stopped while marking)."""
+  return name in (LOCK_FILE, MARKER_FILE + '.tmp') or name.startswith(LOCK_FILE + '.')
+
+
+def _project_config(path: str) -> bool:
+  """Whether ``path`` holds a config.json of this project."""
+  try:
+    value = json.loads(paths.read_text(path))
+  except (OSError, ValueError):
+    return False
+  return isinstance(value, dict) and all(k in value for k in _CONFIG_KEYS)
+
+
+def check_ownership(workdir: str) -> str:
+  """Whether the trainer may write in ``workdir``; reads only.
+
+  Returns:
+    ``NEW``: missing or empty (a lock file of a run that ended before marking it counts as
+    empty): the run creates and marks it. ``OURS``: it holds ``MARKER_FILE``. ``ADOPT``: a
+    workdir of this project written before the marker existed (its ``config.json`` parses as this
+    project's config, and it has checkpoints, a lock file or ``config_history.jsonl``).
+
+  Raises:
+    WorkdirError: ``workdir`` is empty, a file, or a non-empty folder of other files (the
+      message names some of them).
+  """
+  if not str(workdir).strip():
+    raise WorkdirError(
+      '--workdir is empty: give the folder of the run, e.g. --workdir=workdirs/digits (a new or '
+      'empty folder, or the workdir of an earlier run to resume it).'
+    )
+  if not paths.exists(workdir):
+    return NEW
+  if not paths.isdir(workdir):
+    raise WorkdirError(
+      f'--workdir={workdir} is a file, not a folder; nothing was written. Give a new or empty '
+      'folder (or the workdir of an earlier run to resume it).'
+    )
+  names = sorted(paths.listdir(workdir))
+  if MARKER_FILE in names:
+    return OURS
+  if all(_is_lock_name(n) for n in names):
+    return NEW
+  adoptable = _project_config(paths.join(workdir, CONFIG_FILE)) and (
+    bool(checkpoint_steps(workdir)) or HISTORY_FILE in names or any(map(_is_lock_name, names))
+  )
+  if adoptable:
+    return ADOPT
+  shown = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+  raise WorkdirError(
+    f'{workdir} is not empty and is not a workdir of this project (it holds {shown}; no '
+    f'{MARKER_FILE}); nothing was written there. Give another --workdir: a new or empty folder.'
+  )
+
+
+def mark_workdir(workdir: str, ownership: str) -> None:
+  """Writes ``MARKER_FILE`` into a ``NEW`` or ``ADOPT`` workdir (``check_ownership``); after
+  the lock is taken, by process 0."""
+  if ownership == OURS:
+    return
+  write_json(
+    paths.join(workdir, MARKER_FILE),
+    {
+      'id': uuid.uuid4().hex,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'adopted': ownership == ADOPT,
+    },
+  )
+  if ownership == ADOPT:
+    logging.warning(
+      'Adopted %s, a workdir of this project written before workdirs were marked: wrote %s.',
+      workdir,
+      MARKER_FILE,
+    )
 
 
 def is_workdir(path: str) -> bool:
@@ -268,9 +365,11 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict) -> Laun
   """Compares ``config`` with the run ``workdir`` holds; reads only, writes nothing.
 
   Raises:
-    ConfigChangeError: the workdir has checkpoints and ``config`` differs from its config.json in
+    ConfigChangeError: ``config`` differs from the workdir's config.json (checkpoints or not) in
       a key outside ``RESUMABLE_KEYS`` while ``config.allow_config_change`` is False. The message
       lists each such key (old -> new) and the ways on.
+    WorkdirError: the workdir holds a finished run (``params.npz``, or metrics up to its
+      ``total_steps``) without checkpoints: a run would start over on top of its results.
   """
   path = paths.join(workdir, CONFIG_FILE)
   steps_on_disk = checkpoint_steps(workdir)
@@ -283,25 +382,54 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict) -> Laun
       f'cannot read {path} ({e}); it records how the run in {workdir} was trained. Restore it, '
       'or use another --workdir.'
     ) from None
+  if not steps_on_disk:
+    finished = _finished_results(workdir, previous)
+    if finished:
+      raise WorkdirError(
+        f'{workdir} holds a finished run ({finished}) but no checkpoint ({CHECKPOINT_DIR}/ is '
+        'missing or empty): training again would replace its results, so nothing was changed. '
+        'Restore its checkpoints to resume it, or train in another --workdir.'
+      )
   changes = config_changes(previous, _plain(config))
   fixed = [k for k in changes if not is_resumable_key(k)]
-  if not steps_on_disk:  # Nothing trained is kept: the run starts over with this config.
-    return Launch(True, steps_on_disk, changes, [])
   if fixed and not config.get('allow_config_change', False):
-    lines = '\n'.join(
-      f'  {k}: {_value_text(changes[k][0])} -> {_value_text(changes[k][1])}' for k in fixed
+    lines = '; '.join(
+      f'{k}: {_value_text(changes[k][0])} -> {_value_text(changes[k][1])}' for k in fixed
     )
     accepted = [k for k in changes if k not in fixed]
     also = f' (These may change and would be accepted: {", ".join(accepted)}.)' if accepted else ''
+    kept = f'checkpoints of steps {steps_on_disk}' if steps_on_disk else 'no checkpoint yet'
     raise ConfigChangeError(
-      f'{workdir} holds a run trained with another config (its {CONFIG_FILE}; checkpoints of '
-      f'steps {steps_on_disk}). Resuming it with this config would change what is trained:\n'
-      f'{lines}\nNothing in {workdir} was changed.{also} Either resume with the values above '
+      f'{workdir} holds a run trained with another config (its {CONFIG_FILE}; {kept}). '
+      f'Resuming it with this config would change what is trained: {lines}. Nothing in '
+      f'{workdir} was changed.{also} Either resume with the values above '
       '(drop the overrides or restore the config file), or start a new run with another '
       '--workdir, or accept the change on purpose with --config.allow_config_change=True (it '
       f'is recorded in {paths.join(workdir, HISTORY_FILE)}).'
     )
   return Launch(True, steps_on_disk, changes, fixed)
+
+
+def _finished_results(workdir: str, previous: dict[str, Any]) -> str | None:
+  """What shows that the run in ``workdir`` finished (for a workdir without checkpoints): its
+  ``params.npz``, or an evaluation at its last step (a loss row alone may come from a run killed
+  while writing its first checkpoint)."""
+  if paths.exists(paths.join(workdir, PARAMS_FILE)):
+    return PARAMS_FILE
+  path = paths.join(workdir, METRICS_FILE)
+  total = previous.get('total_steps')
+  if not isinstance(total, int) or total < 1 or not paths.exists(path):
+    return None
+  last = 0
+  for line in paths.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:  # A row cut short by a crash.
+      continue
+    evaluated = isinstance(row, dict) and any(str(k).startswith('test_') for k in row)
+    if evaluated and isinstance(row.get('step'), int):
+      last = max(last, row['step'])
+  return f'{METRICS_FILE} with its evaluation at step {last} of {total}' if last >= total else None
 
 
 def record_launch(workdir: str, launch: Launch, step: int) -> None:
@@ -364,8 +492,14 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock, or raises WorkdirBusyError naming the holder (the file then unchanged)."""
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # Read-only, not ours, no space: nothing was written.
+      raise WorkdirError(
+        f'cannot write in --workdir={os.path.dirname(self.path)} ({e.strerror}: {e.filename}); '
+        'give a folder you can write to.'
+      ) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -709,10 +843,10 @@ def _drop(unraisable) -> bool:
   )
 
 
-def _quiet_closed_loops() -> None:
+def quiet_closed_loops() -> None:
   """After a failed restore, Orbax's TensorStore reads still under way find their event loop
   closed, and each prints a traceback (through ``sys.unraisablehook``) while the warning has said
-  what failed. Drops just those (from now on; they are never more than that noise)."""
+  what failed; so do its writes after a failed save (a full disk), whose error is raised. Drops just those (from now on; they are never more than that noise)."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loops', False):
     return
@@ -754,7 +888,7 @@ def restore_newest(
     CheckpointRestoreError: none restores (then nothing is moved); lists each with its reason.
   """
   directory = checkpoint_dir(workdir)
-  _quiet_closed_loops()
+  quiet_closed_loops()
   failed = []
   for step in reversed(checkpoint_steps(workdir)):
     # A fresh manager each time: one that failed on a damaged checkpoint may fail on the rest.
@@ -787,9 +921,9 @@ def restore_newest(
     return state, step
   if not failed:
     raise FileNotFoundError(f'no checkpoint in {directory}.')
-  reasons = '\n'.join(f'  {directory}/{step}: {reason}' for step, reason in failed)
+  reasons = '; '.join(f'{directory}/{step}: {reason}' for step, reason in failed)
   raise CheckpointRestoreError(
-    f'none of the checkpoints in {directory} can be restored:\n{reasons}\nIf the config '
+    f'none of the checkpoints in {directory} can be restored ({reasons}). If the config '
     "changed what is trained since they were written, resume with the workdir's config.json. "
     'Otherwise the files are damaged: move them out of the way to start over (nothing was '
     'changed).'

@@ -124,9 +124,9 @@ def test_misspelled_tfds_name_is_unknown_and_the_closest_names_are_suggested(tmp
     message = str(err.value)
     assert message.startswith(
       f'unknown data set {name!r}: tfds has no data set named {name.split("/")[0]!r} and '
-      f'data_dir {str(tmp_path)!r} has no prepared copy of it.\nDid you mean '
+      f'data_dir {str(tmp_path)!r} has no prepared copy of it. Did you mean '
     ), message
-    assert suggested in message.splitlines()[1], message
+    assert '\n' not in message and suggested in message.split('Did you mean ')[1], message
     assert 'given as a path: --config.dataset=/path/to/ROOT' in message
     assert 'tfds build' not in message
   with pytest.raises(data.UnknownDatasetError, match='No known name is close; python -c'):

@@ -3,6 +3,7 @@
 Public API (see README, section Data); ``config`` is the training config (a ConfigDict or a dict,
 read once into a ``DataConfig``) or a ``DataConfig``:
   get_info(config) -> DatasetInfo
+  check_image_sizes(config): image folders' sizes agree where the preprocessing does not resize
   make_train_iterator(config, mesh, start_step=0) -> endless global batches {'image', 'labels'}
   make_eval_iterator(config, mesh, split=None) -> one exact pass {'image', 'labels', 'mask'}
   preprocess.get_preprocess_fn(pp, num_classes=None, max_pixels=None) -> example -> example
@@ -29,6 +30,7 @@ from mixer_vit.data.base import DatasetInfo
 from mixer_vit.data.folder import CorruptImageError
 from mixer_vit.data.pipeline import EvalIterable
 from mixer_vit.data.pipeline import TrainIterator
+from mixer_vit.data.pipeline import check_image_sizes
 from mixer_vit.data.pipeline import get_info
 from mixer_vit.data.pipeline import local_eval_dataset
 from mixer_vit.data.pipeline import local_train_dataset
@@ -44,6 +46,7 @@ __all__ = [
   'EvalIterable',
   'NotPreparedError',
   'TrainIterator',
+  'check_image_sizes',
   'UnknownDatasetError',
   'get_info',
   'local_eval_dataset',

@@ -20,6 +20,7 @@ import re
 
 from absl import logging
 import numpy as np
+import PIL.Image
 import tensorflow as tf
 
 from mixer_vit.data import base
@@ -94,6 +95,18 @@ def _read_all(paths: list[str]) -> list[bytes]:
     return list(pool.map(read, paths))
 
 
+def _header_size(path: str) -> tuple[int, int] | None:
+  """(width, height) from an image file's header (PIL reads no pixels), or None."""
+  try:
+    if _is_local(path):
+      with PIL.Image.open(path) as image:
+        return image.size
+    with tf.io.gfile.GFile(path, 'rb') as f, PIL.Image.open(f) as image:
+      return image.size
+  except (OSError, ValueError, PIL.Image.DecompressionBombError):
+    return None
+
+
 class ImageFolder(base.Source):
   """The image folder at ``root``."""
 
@@ -154,16 +167,26 @@ class ImageFolder(base.Source):
         f'{os.path.join(self.root, split_name)} has class folders {unknown} that '
         f'are not in the class list {self.class_names} (from the train folder)'
       )
-    files, ignored = [], 0
+    files, ignored, empty = [], 0, []
     for label, name in enumerate(self.class_names):
       class_dir = os.path.join(self.root, split_name, name)
       if not tf.io.gfile.isdir(class_dir):
         continue
+      found = len(files)
       for f in tf.io.gfile.listdir(class_dir):
         if f.lower().endswith(IMAGE_EXTENSIONS):
           files.append((os.path.join(class_dir, f), label))
         else:
           ignored += 1
+      if len(files) == found:
+        empty.append(class_dir)
+    if empty:  # Trained without examples, its label unused: refused rather than silently so.
+      more = f' (and {len(empty) - 1} more: {", ".join(empty[1:4])})' if len(empty) > 1 else ''
+      raise ValueError(
+        f'class folder {empty[0]} has no images (.jpg/.jpeg/.png){more}: its class would never '
+        'be trained or tested. Add images to it, or remove that class folder from every split '
+        f'of {self.root} (the classes after it are then renumbered).'
+      )
     if ignored:
       logging.info('%s: ignored %d files that are not .jpg/.jpeg/.png', split_name, ignored)
     files.sort(
@@ -211,6 +234,34 @@ class ImageFolder(base.Source):
       n = len(files)
       chosen.extend(files[_bound(start, n, 0) : _bound(stop, n, n)])
     return chosen
+
+  def check_one_size(self, split: str, pp_key: str, pp: str) -> None:
+    """Raises ValueError naming a file of ``split`` whose size differs from the others' (read
+    from the file headers with PIL, nothing decoded), for a preprocessing ``pp`` that does not
+    resize: batches of such images cannot be formed."""
+    files = [path for path, _ in self._files_of(split)]
+    if files and _is_local(files[0]):
+      found = map(_header_size, files)
+    else:  # One request per file on remote storage: 16 at a time.
+      with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        found = list(pool.map(_header_size, files, chunksize=64))
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for path, size in zip(files, found):
+      if size is not None:  # An unreadable header: named when the file is decoded.
+        sizes.setdefault(size, []).append(path)
+    if len(sizes) < 2:
+      return
+    common = max(sizes, key=lambda s: len(sizes[s]))
+    odd = [(path, size) for size, group in sizes.items() if size != common for path in group]
+    (path, (w, h)), (cw, ch) = odd[0], common
+    more = f' ({len(odd) - 1} more files of other sizes)' if len(odd) > 1 else ''
+    size = str(ch) if ch == cw else f'({ch}, {cw})'
+    raise ValueError(
+      f'{path} is {w}x{h} but the other images of split {split!r} of {self.root} are {cw}x{ch} '
+      f'(e.g. {sizes[common][0]}){more}, and {pp_key}={pp!r} does not resize them, so they '
+      f'cannot be batched: add a resize to {pp_key} (e.g. decode|resize({size})|...) or '
+      'resize the files.'
+    )
 
   def num_examples(self, split):
     return len(self._files_of(split))

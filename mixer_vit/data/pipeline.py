@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from mixer_vit import parallel
 from mixer_vit.data import base
+from mixer_vit.data import folder
 from mixer_vit.data import mix
 from mixer_vit.data import preprocess
 from mixer_vit.data import sources
@@ -45,6 +46,34 @@ def get_info(config: Any) -> base.DatasetInfo:
   """
   config = base.DataConfig.from_config(config)
   return sources.open_source(config).info([config.train_split, config.test_split])
+
+
+# Ops whose output size does not follow the input's: images of several sizes batch after them.
+_SIZING_OPS = frozenset(
+  {
+    'resize',
+    'resize_small',
+    'central_crop',
+    'random_crop',
+    'inception_crop',
+    'decode_jpeg_and_inception_crop',
+  }
+)
+
+
+def check_image_sizes(config: Any) -> None:
+  """Image folders only: every image of the train and the test split has the same size, unless
+  the split's preprocessing (``pp_train`` / ``pp_test``) resizes or crops; read from the file
+  headers before training starts. Raises ValueError naming a file of another size and the fix."""
+  config = base.DataConfig.from_config(config)
+  source = sources.open_source(config)
+  if not isinstance(source, folder.ImageFolder):
+    return
+  for split, key in ((config.train_split, 'pp_train'), (config.test_split, 'pp_test')):
+    pp = getattr(config, key)
+    if pp is None or any(name in _SIZING_OPS for name, _, _ in preprocess.parse(pp)):
+      continue
+    source.check_one_size(split, f'config.{key}', pp)
 
 
 def _options(config: base.DataConfig, autotune: bool = True) -> tf.data.Options:

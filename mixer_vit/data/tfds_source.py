@@ -152,7 +152,7 @@ def _not_prepared_message(name: str, data_dir: str) -> str:
     'For an image folder ROOT/train/<class>/*, ROOT/test/<class>/* use '
     '--config.dataset=/path/to/ROOT; the offline default is --config.dataset=digits.'
   )
-  return '\n'.join(lines)
+  return ' '.join(lines)  # One line.
 
 
 def is_registered(name: str) -> bool:
@@ -210,7 +210,7 @@ def _unknown_message(name: str, data_dir: str) -> str:
     '--config.dataset=/path/to/ROOT (or ./ROOT, ~/ROOT, folder:ROOT); the offline default is '
     '--config.dataset=digits.'
   )
-  return '\n'.join(lines)
+  return ' '.join(lines)  # One line.
 
 
 def open_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
