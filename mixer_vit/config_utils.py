@@ -6,6 +6,7 @@ Every config file in ``configs/`` starts from ``base_config()`` so all of them h
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -220,6 +221,49 @@ def check_positive(config: ml_collections.ConfigDict) -> None:
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (tuples become lists)."""
   return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def parse_value(text: str, current: Any = None) -> Any:
+  """A command-line value: converted to the type of ``current`` when it has one (bool, int,
+  float, str, tuple); else a Python literal (``2``, ``0.1``, ``True``, ``(16, 16)``, ``None``)
+  or, when it is none, the text itself."""
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered not in ('true', 'false', '1', '0'):
+      raise ValueError(f'{text!r} is not a bool; give True or False.')
+    return lowered in ('true', '1')
+  if isinstance(current, (int, float, str)) and current is not None:
+    try:
+      return type(current)(text)
+    except ValueError:
+      raise ValueError(f'{text!r} is not a valid {type(current).__name__}.') from None
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return _tuples(value) if isinstance(value, list) else value
+
+
+def set_model_keys(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+  """Sets ``config.model.KEY=VALUE`` overrides from the command line, also for keys the config
+  file does not set (any key of the model's registry entry; ``steps.make_model`` refuses the
+  others, naming the known keys). ``KEY`` may be dotted (``transformer.num_layers``)."""
+  with config.unlocked():
+    for key, text in overrides:
+      *parents, leaf = key.split('.')
+      node = config.model
+      for part in parents:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+          node[part] = ml_collections.ConfigDict()
+        node = node[part]
+      current = node[leaf] if leaf in node else None
+      try:
+        value = parse_value(text, current)
+      except ValueError as e:
+        raise ValueError(f'--config.model.{key}={text}: {e}') from None
+      if leaf in node and current is not None and not isinstance(value, type(current)):
+        del node[leaf]
+      node[leaf] = value
 
 
 def _tuples(value: Any) -> Any:

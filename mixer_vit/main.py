@@ -30,6 +30,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mixer_vit import config_utils
 from mixer_vit import tcmalloc
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -90,8 +91,50 @@ def _config_file_error(error: flags.Error) -> str | None:
   return f'error: {lines[0].split(": Error whilst")[0].removeprefix("flag ")}: {last}'
 
 
+_MODEL_PREFIXES = ('--config.model.', '-config.model.')
+
+
+def take_model_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Splits ``--config.model.KEY=VALUE`` (or ``--config.model.KEY VALUE``) off ``argv``: absl
+  knows only the keys the config file sets, and a model has many more (``set_model_keys``)."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(_MODEL_PREFIXES):
+      key, sep, value = arg.split('config.model.', 1)[1].partition('=')
+      if not sep:
+        if i + 1 >= len(argv):
+          sys.exit(f'error: {arg} has no value; give it as {arg}=VALUE.')
+        value, i = argv[i + 1], i + 1
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
 def parse_flags(argv):
-  """absl's parsing, with a clear message for a ``--config.KEY`` the config does not have."""
+  """absl's parsing, with a clear message for a ``--config.KEY`` the config does not have; then
+  the ``--config.model.KEY`` overrides, for any key of the model."""
+  original = list(argv)
+  argv, model_overrides = take_model_overrides(argv)
+  if list(sys.argv) == original:  # ml_collections reads its overrides from sys.argv itself.
+    sys.argv[:] = argv
+  try:
+    rest = _parse_absl(argv)
+    if model_overrides and _CONFIG.value is not None:
+      config = _CONFIG.value
+      config_utils.set_model_keys(config, model_overrides)
+      from mixer_vit import models  # noqa: PLC0415  (JAX: after the tcmalloc restart)
+
+      models.get_model_config(config.model_name, **config.model.to_dict())  # Unknown keys.
+    return rest
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+
+
+def _parse_absl(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -181,6 +224,7 @@ def main(argv):
   # Imported here, after the tcmalloc restart: JAX and TensorFlow take seconds to import.
   from mixer_vit import memory  # noqa: PLC0415
   from mixer_vit import parallel  # noqa: PLC0415
+  from mixer_vit import stopping  # noqa: PLC0415
   from mixer_vit import train  # noqa: PLC0415
   from mixer_vit import workdir as workdir_lib  # noqa: PLC0415
 
@@ -190,7 +234,7 @@ def main(argv):
 
   distributed = jax.process_count() > 1
   if not distributed and not _DRY_RUN.value:  # Multi-host runs: JAX's preemption service.
-    train.catch_sigterm()
+    stopping.catch_sigterm()
   logging.info('tcmalloc preloaded: %s', tcmalloc.is_preloaded())
   try:
     if _DRY_RUN.value:
@@ -204,8 +248,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     _exit(1)
   logging.info('Finished: %s', result)
-  if result['stopped_early'] and train.stopped_by_ctrl_c():
-    _exit(train.CTRL_C_EXIT_STATUS, distributed)
+  if result['stopped_early'] and stopping.stopped_by_ctrl_c():
+    _exit(stopping.CTRL_C_EXIT_STATUS, distributed)
   _exit(0, distributed)
 
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import contextlib
+import errno
 import io
 import os
+import re
 from typing import BinaryIO
 import uuid
 
@@ -192,3 +194,19 @@ def move_tree(source: str, target: str) -> None:
   for folder, _ in reversed(folders):  # Deepest first. A store may have no object for a folder.
     if gfile.exists(folder):
       gfile.remove(folder)
+
+
+def disk_full_reason(error: BaseException) -> str | None:
+  """One line naming the file when ``error`` (or an error it came from, e.g. inside Orbax) is a
+  full disk or quota; else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return f'{error.strerror}: {error.filename}' if error.filename else str(error.strerror)
+    text = str(error)
+    if 'No space left on device' in text:  # Orbax / TensorStore: the last file it names.
+      named = re.findall(r'"([^"]+)"', text.split('No space left on device')[0])
+      return f'No space left on device: {named[-1]}' if named else 'No space left on device'
+    error = error.__cause__ or error.__context__
+  return None

@@ -16,18 +16,12 @@ folders, images of another size where the preprocessing does not resize). This m
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
-import os
-import re
-import signal
-import threading
 import time
 from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -38,87 +32,15 @@ from mixer_vit import fewshot
 from mixer_vit import metrics
 from mixer_vit import models
 from mixer_vit import parallel
+from mixer_vit import paths
 from mixer_vit import run_setup
 from mixer_vit import steps
+from mixer_vit import stopping
 from mixer_vit import workdir as workdir_lib
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss, the gradients or the parameters became NaN or infinite; training stopped."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping on SIGTERM and Ctrl-C (SIGINT).
-
-
-_SIGTERM = threading.Event()  # Set by SIGTERM or the first Ctrl-C: save and stop.
-_CTRL_C = threading.Event()  # The first Ctrl-C came.
-_EXIT_ON_SECOND_CTRL_C = [False]  # The command line: a second Ctrl-C ends the process at once.
-CTRL_C_EXIT_STATUS = 130  # The shells' status for a command ended by Ctrl-C (128 + SIGINT).
-
-
-def _on_sigterm(signum=signal.SIGTERM, _frame=None):
-  if signum == signal.SIGINT:
-    if _CTRL_C.is_set():
-      if _EXIT_ON_SECOND_CTRL_C[0]:
-        os.write(2, b'\nSecond Ctrl-C: exiting now, without a checkpoint.\n')
-        os._exit(CTRL_C_EXIT_STATUS)
-      raise KeyboardInterrupt
-    _CTRL_C.set()
-    os.write(
-      2,
-      b'\nCtrl-C: saving a checkpoint at the next step, then stopping (press Ctrl-C again to '
-      b'exit at once, losing the steps since the last checkpoint).\n',
-    )
-  _SIGTERM.set()
-
-
-def catch_sigterm() -> None:
-  """For a command's whole life (single process): SIGTERM, or a first Ctrl-C (SIGINT), stops the
-  training at the next step with a checkpoint; one after the last step only lets the run finish
-  (it then exits normally). A second Ctrl-C ends the process at once (status 130)."""
-  _EXIT_ON_SECOND_CTRL_C[0] = True
-  signal.signal(signal.SIGTERM, _on_sigterm)
-  signal.signal(signal.SIGINT, _on_sigterm)
-
-
-def stopped_by_ctrl_c() -> bool:
-  """Whether a Ctrl-C (SIGINT) asked the run to stop: the command line then exits with
-  ``CTRL_C_EXIT_STATUS`` after saving."""
-  return _CTRL_C.is_set()
-
-
-class _Preemption:
-  """Tells the loop to save and stop: on SIGTERM or a first Ctrl-C (single process), or at the
-  preemption sync point JAX's coordination service sets on every host (multi-host)."""
-
-  def __init__(self):
-    self._previous = {}
-
-  def __enter__(self):
-    if (
-      jax.process_count() == 1
-      and threading.current_thread() is threading.main_thread()
-      and signal.getsignal(signal.SIGTERM) is not _on_sigterm  # Else caught all along.
-    ):
-      _SIGTERM.clear()
-      _CTRL_C.clear()
-      for number in (signal.SIGTERM, signal.SIGINT):
-        self._previous[number] = signal.signal(number, _on_sigterm)
-    return self
-
-  def __exit__(self, *exc):
-    for number, previous in self._previous.items():
-      signal.signal(number, previous)
-    self._previous = {}
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # No preemption service.
-        return False
-    return _SIGTERM.is_set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,22 +104,6 @@ class _History:
     result['lr'] = float(self.seen[-1]['lr'])
     self.seen = []
     return result
-
-
-def _disk_full(error: BaseException) -> str | None:
-  """One line naming the file when ``error`` (or an error it came from, e.g. inside Orbax) is a
-  full disk or quota; else None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-      return f'{error.strerror}: {error.filename}' if error.filename else str(error.strerror)
-    text = str(error)
-    if 'No space left on device' in text:  # Orbax / TensorStore: the last file it names.
-      named = re.findall(r'"([^"]+)"', text.split('No space left on device')[0])
-      return f'No space left on device: {named[-1]}' if named else 'No space left on device'
-    error = error.__cause__ or error.__context__
-  return None
 
 
 def _check_pretrained(path: str):
@@ -330,7 +236,9 @@ def train_and_evaluate(
         workdir_lib.save_params(workdir, *params)
       run_eval(start_step)
     started = time.perf_counter()
-    with _Preemption() as preemption:  # Until the end: a SIGTERM after the last step is ignored.
+    with (
+      stopping.Preemption() as preemption
+    ):  # Until the end: a SIGTERM after the last step is ignored.
       for step in range(start_step + 1, total + 1):  # `step` = updates done after this one.
         state, step_metrics = train_step(state, batch, dropout_key)
         history.pending.append((step, step_metrics))
@@ -386,7 +294,7 @@ def train_and_evaluate(
       metrics.format_duration(result['train_seconds']),
     )
   except Exception as e:
-    full = _disk_full(e)
+    full = paths.disk_full_reason(e)
     if full is None:
       raise
     raise workdir_lib.WorkdirError(

@@ -32,7 +32,9 @@ from mixer_vit import config_utils
 from mixer_vit import data
 from mixer_vit import main
 from mixer_vit import metrics
+from mixer_vit import paths
 from mixer_vit import steps
+from mixer_vit import stopping
 from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
 
@@ -437,8 +439,8 @@ def test_a_full_disk_inside_orbax_names_the_file():
       raise RuntimeError('Save Finalize thread (save_finalize) failed.') from e
   except RuntimeError as e:
     outer = e
-  assert train._disk_full(outer) == 'No space left on device: /w/checkpoints/5/d/83df'
-  assert train._disk_full(OSError(errno.EACCES, 'Permission denied', '/w')) is None
+  assert paths.disk_full_reason(outer) == 'No space left on device: /w/checkpoints/5/d/83df'
+  assert paths.disk_full_reason(OSError(errno.EACCES, 'Permission denied', '/w')) is None
 
 
 def test_a_failing_final_evaluation_keeps_the_trained_state(tmp_path, monkeypatch):
@@ -613,7 +615,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
   assert process.poll() is None, process.communicate()[0][-3000:]
   process.send_signal(signal.SIGINT)
   output, _ = process.communicate(timeout=120)
-  assert process.returncode == train.CTRL_C_EXIT_STATUS, output[-3000:]
+  assert process.returncode == stopping.CTRL_C_EXIT_STATUS, output[-3000:]
   assert 'Ctrl-C: saving a checkpoint' in output and 'run the same command again' in output
   assert 'Traceback' not in output and 'KeyboardInterrupt' not in output
   saved = workdir_lib.checkpoint_steps(str(workdir))
@@ -624,8 +626,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 def test_a_second_ctrl_c_exits_at_once():
   script = (
     'import os, signal, time\n'
-    'from mixer_vit import train\n'
-    'train.catch_sigterm()\n'
+    'from mixer_vit import stopping\n'
+    'stopping.catch_sigterm()\n'
     'os.kill(os.getpid(), signal.SIGINT)\n'
     'time.sleep(0.2)\n'
     'print("first caught", flush=True)\n'
@@ -642,20 +644,20 @@ def test_a_second_ctrl_c_exits_at_once():
     timeout=120,
     check=False,
   )
-  assert out.returncode == train.CTRL_C_EXIT_STATUS, out.stderr[-2000:]
+  assert out.returncode == stopping.CTRL_C_EXIT_STATUS, out.stderr[-2000:]
   assert out.stdout.strip() == 'first caught'
   assert 'Second Ctrl-C: exiting now' in out.stderr
 
 
 def test_in_process_a_second_ctrl_c_is_a_keyboard_interrupt(monkeypatch):
-  monkeypatch.setattr(train, '_EXIT_ON_SECOND_CTRL_C', [False])
-  train._CTRL_C.clear()
-  train._SIGTERM.clear()
+  monkeypatch.setattr(stopping, '_EXIT_ON_SECOND_CTRL_C', [False])
+  stopping._CTRL_C.clear()
+  stopping._SIGTERM.clear()
   try:
-    train._on_sigterm(signal.SIGINT)
-    assert train.stopped_by_ctrl_c() and train._SIGTERM.is_set()
+    stopping._on_sigterm(signal.SIGINT)
+    assert stopping.stopped_by_ctrl_c() and stopping._SIGTERM.is_set()
     with pytest.raises(KeyboardInterrupt):
-      train._on_sigterm(signal.SIGINT)
+      stopping._on_sigterm(signal.SIGINT)
   finally:
-    train._CTRL_C.clear()
-    train._SIGTERM.clear()
+    stopping._CTRL_C.clear()
+    stopping._SIGTERM.clear()

@@ -284,3 +284,28 @@ def test_precision_auto_starts_no_jax_backend(monkeypatch):
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   dtype, matmul_dtype = precision.resolve_precision('auto', cpu_half=True)
   assert out.stdout.split() == [dtype, str(matmul_dtype), 'False']
+
+
+def test_model_keys_from_the_command_line():
+  from mixer_vit import main  # noqa: PLC0415  (defines absl flags: only for this test)
+
+  argv = ['prog', '--config=c.py', '--config.model.remat=True', '--config.model.patches.size']
+  rest, overrides = main.take_model_overrides([*argv, '(4, 4)', '--config.lr=0.1'])
+  assert rest == ['prog', '--config=c.py', '--config.lr=0.1']
+  assert overrides == [('remat', 'True'), ('patches.size', '(4, 4)')]
+  config = config_utils.base_config()
+  config.model.hidden_size = 64
+  config.lock()
+  config_utils.set_model_keys(config, [*overrides, ('hidden_size', '32'), ('name', 'x')])
+  assert config.model.to_dict() == {
+    'hidden_size': 32,
+    'remat': True,
+    'patches': {'size': (4, 4)},
+    'name': 'x',
+  }
+  with pytest.raises(
+    ValueError, match=r"--config.model.hidden_size=wide: 'wide' is not a valid int"
+  ):
+    config_utils.set_model_keys(config, [('hidden_size', 'wide')])
+  with pytest.raises(ValueError, match="'maybe' is not a bool"):
+    config_utils.set_model_keys(config, [('remat', 'maybe')])

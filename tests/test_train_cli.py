@@ -124,3 +124,33 @@ def test_errors_are_one_message_and_leave_no_workdir(tmp_path):
   assert out.returncode == 1, out.stderr[-3000:]
   assert "error: Unknown model 'ViT-X'" in out.stderr and 'Traceback' not in out.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_any_model_key_is_settable_and_unknown_ones_are_named(tmp_path):
+  """--config.model.KEY works for keys the config file does not set (configs/digits.py:vit sets
+  no remat and no stochastic_depth); a typo is one line with the closest key."""
+  common = ['--config=configs/digits.py:vit', f'--workdir={tmp_path / "run"}', '--dry_run']
+  out = subprocess.run(
+    _command(*common, '--config.model.remat=True', '--config.model.transformer.num_layers', '1'),
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'temporaries' in out.stdout
+  out = subprocess.run(
+    _command(*common, '--config.model.hiden_size=32'),
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error:')]
+  assert out.returncode == 1 and len(errors) == 1, out.stderr[-2000:]
+  assert "'hiden_size'" in errors[0] and "Did you mean 'hidden_size'?" in errors[0]
+  assert not (tmp_path / 'run').exists()

@@ -19,6 +19,7 @@ A config's keys are the module's fields (plus `name`, `family` and `image_size`)
 from __future__ import annotations
 
 from collections.abc import Callable
+import difflib
 from typing import Any
 
 import flax.linen as nn
@@ -309,9 +310,12 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = ''):
 
 
 def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
+  known = sorted(_all_keys(config))
+  close = difflib.get_close_matches(key, known, n=1)
+  hint = f' Did you mean {close[0]!r}?' if close else ''
   return (
-    f'Unknown config key {key!r} for {config.name} ({config.family}). '
-    f'Known keys: {", ".join(sorted(_all_keys(config)))}.'
+    f'Unknown config key {key!r} for {config.name} ({config.family}).{hint} '
+    f'Known keys: {", ".join(known)}.'
   )
 
 
