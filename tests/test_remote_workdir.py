@@ -9,7 +9,7 @@ takes over a stale lease.
 What this cannot cover offline: Orbax writes its arrays through TensorStore, whose drivers know
 local files and ``gs://`` but not TensorFlow's ``ram://`` (and Orbax's ``etils.epath`` knows no
 ``ram://`` either: ``KeyError: 'ram://'``). So the run below keeps its checkpoints in a local
-folder through the one seam ``workdir.checkpoint_dir`` (monkeypatched here only), while
+folder through the one seam ``workdir.files.checkpoint_dir`` (monkeypatched here only), while
 ``test_orbax_gets_the_url_unchanged`` checks that a real ``gs://`` workdir hands Orbax
 ``gs://bucket/run/checkpoints`` as it is. Real GCS (permissions, latency, consistency) is not
 reached from the tests at all.
@@ -37,6 +37,9 @@ from mixer_vit import params_io
 from mixer_vit import paths
 from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.workdir import checkpoints as workdir_checkpoints
+from mixer_vit.workdir import files as workdir_files
+from mixer_vit.workdir import locks as workdir_locks
 
 gfile = tf.io.gfile
 
@@ -58,7 +61,7 @@ def files_under(url: str) -> dict[str, bytes]:
 @pytest.fixture(autouse=True)
 def no_settling(monkeypatch):
   """The lease's read-back wait (2 s by default) is for real stores; ram:// needs none."""
-  monkeypatch.setattr(workdir_lib, 'LEASE_SETTLE_S', 0.0)
+  monkeypatch.setattr(workdir_locks, 'LEASE_SETTLE_S', 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,12 +107,14 @@ def test_files_on_ram_are_written_read_appended_and_moved():
   paths.write_bytes(paths.join(step, 'x'), b'X')
   paths.write_bytes(paths.join(step, 'sub', 'y'), b'Y')
   directory = paths.join(root, 'checkpoints')
-  assert workdir_lib._move_aside(directory, 7) == paths.join(directory, '7.corrupt')
+  assert workdir_checkpoints.move_aside(directory, 7) == paths.join(directory, '7.corrupt')
   assert paths.listdir(directory) == ['7.corrupt']
   assert files_under(paths.join(directory, '7.corrupt')) == {'x': b'X', 'sub/y': b'Y'}
   paths.makedirs(step)
   paths.write_bytes(paths.join(step, 'x'), b'Z')
-  assert workdir_lib._move_aside(directory, 7).endswith('/7.corrupt.1')  # Nothing overwritten.
+  assert workdir_checkpoints.move_aside(directory, 7).endswith(
+    '/7.corrupt.1'
+  )  # Nothing overwritten.
   assert sorted(paths.listdir(directory)) == ['7.corrupt', '7.corrupt.1']
 
 
@@ -135,7 +140,7 @@ def test_an_interrupted_atomic_write_leaves_the_file_as_it_was(tmp_path, where):
 def test_orbax_gets_the_url_unchanged(monkeypatch):
   seen = []
   monkeypatch.setattr(
-    workdir_lib.ocp, 'CheckpointManager', lambda directory, **kwargs: seen.append(directory)
+    workdir_checkpoints.ocp, 'CheckpointManager', lambda directory, **kwargs: seen.append(directory)
   )
   workdir_lib.make_manager('gs://bucket/runs/a', read_only=True)
   assert seen == ['gs://bucket/runs/a/checkpoints']
@@ -160,7 +165,7 @@ def test_a_run_on_ram_writes_resumes_and_is_read_back(tmp_path, monkeypatch, cap
   local_checkpoints = str(tmp_path / 'checkpoints')
   # The seam: Orbax/TensorStore cannot write to ram:// (see the module docstring).
   monkeypatch.setattr(
-    workdir_lib, 'checkpoint_dir', lambda w: local_checkpoints if w == workdir else pytest.fail(w)
+    workdir_files, 'checkpoint_dir', lambda w: local_checkpoints if w == workdir else pytest.fail(w)
   )
   config = tiny_config(total_steps=6, checkpoint_every=3, eval_every=6)
   first = train.train_and_evaluate(config, workdir)
@@ -268,7 +273,7 @@ def test_a_stale_lease_is_taken_over_with_a_warning(caplog):
     lock.release()
   # A lease left by a process of this host that no longer runs is taken at once, however fresh.
   dead = 2**22 + 12345  # Above Linux's default pid_max (4194304): no such process.
-  _foreign_lease(workdir, age_s=1, host=workdir_lib.socket.gethostname(), pid=dead)
+  _foreign_lease(workdir, age_s=1, host=workdir_locks.socket.gethostname(), pid=dead)
   with workdir_lib.LeaseLock(workdir):
     pass
 
@@ -297,7 +302,7 @@ def test_two_runs_writing_the_lease_at_once_leave_one_writer(monkeypatch):
   workdir = ram_dir('race')
   lock = workdir_lib.LeaseLock(workdir, settle_s=1.0)
   # The other run writes its lease while this one waits to read its own back.
-  monkeypatch.setattr(workdir_lib.time, 'sleep', lambda s: _foreign_lease(workdir, age_s=0))
+  monkeypatch.setattr(workdir_locks.time, 'sleep', lambda s: _foreign_lease(workdir, age_s=0))
   with pytest.raises(workdir_lib.WorkdirBusyError, match='at the same time'):
     lock.acquire()
   assert json.loads(paths.read_text(lock.path))['token'] == 'theirs'
