@@ -179,8 +179,8 @@ def test_every_family_gives_its_sub_blocks_and_the_models_own_numbers(family):
   assert kinds == KINDS[family]
   logits, blocks = jax.jit(run)(params, subject.images)
   assert all(b.output.ndim == 4 for b in blocks)
-  np.testing.assert_allclose(logits, model.apply({'params': params}, subject.images), atol=1e-5)
-  _, out = models.apply_with_intermediates(model, params, subject.images)
+  expected, out = models.apply_with_intermediates(model, params, subject.images)
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
   last = np.asarray(blocks[-1].output)
   if family in ('vit', 'hybrid', 'mixer'):
     # The rebuilt residual stream ends in the model's own last block output.
@@ -196,8 +196,8 @@ def test_every_family_gives_its_sub_blocks_and_the_models_own_numbers(family):
       np.testing.assert_array_equal(a.output, b.input)
 
 
-@pytest.mark.parametrize('family', ['mixer', 'alternet'])
-def test_fourier_and_variance_run_on_other_families(family):
+def test_fourier_and_variance_run_on_a_convolutional_family():
+  family = 'alternet'
   subject = _subject(family)
   result = fourier.analyse(subject, batch_size=8)
   assert [r['kind'] for r in result['blocks']] == ['input'] + KINDS[family]
@@ -209,7 +209,7 @@ def test_fourier_and_variance_run_on_other_families(family):
 
 def test_filter_normalised_directions_and_the_landscape_centre_is_the_models_loss():
   subject = _subject('vit', examples=24)
-  direction = landscape.filter_normalised_direction(jax.random.key(0), subject.params)
+  direction = landscape.filter_normalised_direction(0, subject.params)
   for w, d in zip(jax.tree.leaves(subject.params), jax.tree.leaves(direction)):
     w, d = np.asarray(w), np.asarray(d)
     if w.ndim <= 1:

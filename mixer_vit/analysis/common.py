@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -160,12 +161,7 @@ def sharded_sums(
   `params` and `extra` are replicated. The last batch is padded with masked-out rows.
   """
   mesh = mesh or parallel.make_mesh()
-  repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  step = jax.jit(
-    fn,
-    in_shardings=(repl,) + (split,) * (len(arrays) + 1) + (repl,) * len(extra),
-    out_shardings=repl,
-  )
+  step = _sharded_step(fn, len(arrays), len(extra), mesh)
   params = parallel.replicate(params, mesh)
   extra = tuple(parallel.replicate(e, mesh) for e in extra)
   total = None
@@ -181,6 +177,17 @@ def sharded_sums(
     out = step(params, *chunk, mask, *extra)
     total = out if total is None else jax.tree.map(jnp.add, total, out)
   return jax.device_get(total)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_step(fn: Callable[..., Any], num_arrays: int, num_extra: int, mesh: Any):
+  """`fn` jitted for `sharded_sums`, once per function (e.g. every point of a landscape)."""
+  repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(
+    fn,
+    in_shardings=(repl,) + (split,) * (num_arrays + 1) + (repl,) * num_extra,
+    out_shardings=repl,
+  )
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -43,7 +43,12 @@ def band_mask(height: int, width: int, band: int, num_bands: int = NUM_BANDS) ->
 def band_noise(key: jax.Array, shape: tuple[int, ...], band: int, norm: float) -> jax.Array:
   """(B, H, W, C) noise restricted to `band`, each example of L2 norm `norm`."""
   _, h, w, _ = shape
-  mask = jnp.asarray(band_mask(h, w, band))[None, :, :, None]
+  return masked_noise(key, shape, jnp.asarray(band_mask(h, w, band)), norm)
+
+
+def masked_noise(key: jax.Array, shape: tuple[int, ...], mask: jax.Array, norm) -> jax.Array:
+  """`band_noise` on the FFT bins where the (H, W) `mask` is true (jittable in `mask`)."""
+  mask = mask[None, :, :, None]
   re, im = jax.random.normal(key, (2, *shape))
   noise = jnp.real(jnp.fft.ifft2((re + 1j * im) * mask, axes=(1, 2)))
   size = jnp.sqrt(jnp.sum(noise**2, axis=(1, 2, 3), keepdims=True))
@@ -71,25 +76,27 @@ def analyse(
   # One key per example and band: the draw does not depend on the batching.
   keys = jax.random.split(jax.random.key(seed), n * NUM_BANDS)
   keys = np.asarray(jax.random.key_data(keys)).reshape(n, NUM_BANDS, -1)
+
+  def noisy(params, images, labels, key_data, mask, band_bins):
+    noise = jax.vmap(
+      lambda k, x: masked_noise(jax.random.wrap_key_data(k), (1, *x.shape), band_bins, norm)[0]
+    )(key_data, images)
+    return evaluate(params, images + noise, labels, mask)
+
   bands = []
   for band in range(NUM_BANDS):
     row = {'band': band, 'low': band / NUM_BANDS, 'high': (band + 1) / NUM_BANDS}
-    if not band_mask(h, w, band).any():
+    bins = band_mask(h, w, band)
+    if not bins.any():
       bands.append({**row, 'accuracy': None, 'drop': None})
       continue
-
-    def noisy(params, images, labels, key_data, mask, band=band):
-      noise = jax.vmap(
-        lambda k, x: band_noise(jax.random.wrap_key_data(k), (1, *x.shape), band, norm)[0]
-      )(key_data, images)
-      return evaluate(params, images + noise, labels, mask)
-
     _, correct = common.sharded_sums(
       noisy,
       subject.params,
       (subject.images, subject.labels, keys[:, band]),
       batch_size=batch_size,
       mesh=mesh,
+      extra=(bins,),
     )
     accuracy = float(correct / n)
     bands.append({**row, 'accuracy': accuracy, 'drop': float(clean / n) - accuracy})
