@@ -56,7 +56,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--data_dir', help='tfds data dir')
   parser.add_argument('--split', help="split to analyse (default: the config's test_split)")
   parser.add_argument('--pp', help='preprocessing, ending in value_range(-1,1)|onehot')
-  parser.add_argument('--examples', type=int, default=512, help='examples analysed (default 512)')
+  parser.add_argument(
+    '--examples',
+    type=int,
+    default=512,
+    help='examples analysed (default 512; hessian takes --batches x --batch_size)',
+  )
   parser.add_argument(
     '--batch_size', type=int, default=64, help='global batch, split over the devices (default 64)'
   )
@@ -69,7 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--batches', type=int, default=10, help='hessian: mini-batches')
   parser.add_argument('--iterations', type=int, default=100, help='hessian: power iterations')
   parser.add_argument('--tol', type=float, default=1e-4, help='hessian: relative convergence')
-  parser.add_argument('--lanczos', type=int, default=0, help='hessian: Lanczos steps (0: off)')
+  parser.add_argument(
+    '--lanczos',
+    type=int,
+    default=0,
+    help='hessian: Lanczos steps (0: off); keeps that many parameter-sized vectors on the host',
+  )
   parser.add_argument('--dims', type=int, default=2, choices=(1, 2), help='landscape: 1-D or 2-D')
   parser.add_argument('--steps', type=int, default=11, help='landscape: grid points per axis')
   parser.add_argument('--span', type=float, default=1.0, help='landscape: grid in [-span, span]')

@@ -5,7 +5,8 @@ A checkpoint is loaded as `mixer_vit.infer` and `mixer_vit.evaluate` load it (a 
 model, latest parameters, data set and `pp_test`; an `.npz` needs `--model` and `--dataset`); the
 examples are the first N of the split in the evaluation pipeline's order, preprocessed for the
 model (values in [-1, 1]). Models are analysed with their layers unrolled (`scan=False`,
-`remat=False`: the same numbers) so that every block can be observed from outside.
+`remat=False`: the same numbers) so that every block can be observed from outside, and in float32
+(`unrolled`).
 """
 
 from __future__ import annotations
@@ -61,12 +62,16 @@ class Subject:
 
 
 def unrolled(model_config: Any, params: Any) -> tuple[Any, Any, Any]:
-  """(config, module, params) with the layers as a Python loop and no remat: the same numbers."""
+  """(config, module, params) with the layers as a Python loop, no remat, and float32 throughout
+  (a model trained in mixed precision is analysed in float32: second derivatives and small
+  perturbations need more than bfloat16's 8 bits)."""
   config = model_config.copy_and_resolve_references()
   with config.unlocked():
     config.scan = False
     config.remat = False
     config.remat_policy = 'nothing'
+    config.dtype = 'float32'
+    config.matmul_dtype = None
   params = params_io.unwrap(params)
   if params_io.is_stacked(params):
     params = params_io.unstack_layers(params)

@@ -9,7 +9,9 @@ at the highest frequency (pi) is the block's *high-frequency Delta log amplitude
 normalised depth (block index / number of blocks; 0 is the first block's input, the embedding
 or stem output) with the block kinds marked. Each block's
 *change* is that value of its output minus that of its input: negative where the block removes
-high frequencies relative to the mean (a blur), positive where it adds them (a sharpening).
+high frequencies relative to the mean (a blur), positive where it adds them (a sharpening). A
+block that downsamples (the first unit of a ResNet stage) is compared across resolutions, each
+map's frequencies normalised to its own pi.
 """
 
 from __future__ import annotations
