@@ -276,3 +276,22 @@ def test_every_command_writes_its_picture_and_numbers(digits_workdir, tmp_path, 
   error = capsys.readouterr().err
   assert error.count('\n') == 1 and 'exists; pass --overwrite' in error and out in error
   assert (os.path.getmtime(out), open(common.json_path(out)).read()) == before
+
+
+def test_scanned_mixed_precision_models_are_analysed_unrolled_in_float32():
+  config = models.get_model_config(
+    'testing-mixer', image_size=(8, 8), scan=True, remat=True, matmul_dtype='bfloat16'
+  )
+  model = models.build_model(config)
+  images = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
+  stacked = jax.device_get(jax.jit(model.init)({'params': jax.random.key(0)}, images)['params'])
+  assert 'MixerBlock' in stacked
+  stacked['head']['kernel'] = np.random.default_rng(0).normal(size=(32, 10)).astype(np.float32)
+  plain, module, params = common.unrolled(config, stacked)
+  assert (plain.scan, plain.remat, plain.matmul_dtype) == (False, False, None)
+  assert 'MixerBlock_1' in params and 'MixerBlock' not in params
+  assert len(features.block_names(module, params, images.shape, plain)) == 4
+  # The trained model's numbers, up to its bfloat16 products.
+  logits = np.asarray(module.apply({'params': params}, images))
+  np.testing.assert_allclose(logits, model.apply({'params': stacked}, images), rtol=0.05, atol=0.05)
+  assert np.abs(logits).max() > 0.5
