@@ -11,10 +11,12 @@ r"""The "How Do Vision Transformers Work?" analyses of a checkpoint: a picture a
 
 Each writes the picture to --out and the numbers beside it (PLOT.png -> PLOT.json); --json also
 prints them. An existing output file is never replaced unless --overwrite is given. The examples
-are the first --examples of --split (default: the workdir's test split), preprocessed as the
-checkpoint expects (a workdir's pp_test; for an .npz, --dataset and a resize to its resolution, or
---pp); the work is split over all devices. Every family works: ViT, hybrids, Mixer, ResNet,
-AlterNet. See mixer_vit/analysis/<name>.py for what each measures.
+are the first --examples of --split (default: the train split for hessian and landscape, which
+study the training loss; the test split for the others), preprocessed as the checkpoint expects
+(a workdir's pp_test, without augmentation; for an .npz, --dataset and a resize to its
+resolution, or --pp); the work is split over all devices. The model runs in float32. Every family
+works: ViT, hybrids, Mixer, ResNet, AlterNet. See mixer_vit/analysis/<name>.py for what each
+measures.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from mixer_vit.analysis import landscape
 from mixer_vit.analysis import noise
 from mixer_vit.analysis import variance
 
+# Analyses of the training objective: on the train split unless --split says otherwise.
+TRAINING_DATA = ('hessian', 'landscape')
 MODULES = {
   'fourier': fourier,
   'noise': noise,
@@ -54,7 +58,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
   parser.add_argument('--dataset', help="tfds name, 'digits' or an image-folder root")
   parser.add_argument('--data_dir', help='tfds data dir')
-  parser.add_argument('--split', help="split to analyse (default: the config's test_split)")
+  parser.add_argument(
+    '--split',
+    help="split to analyse (default: the config's train_split for hessian and landscape, which "
+    'study the training loss, else its test_split)',
+  )
   parser.add_argument('--pp', help='preprocessing, ending in value_range(-1,1)|onehot')
   parser.add_argument(
     '--examples',
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     pp=args.pp,
     examples=args.examples if args.analysis != 'hessian' else args.batches * args.batch_size,
     ema=args.ema,
+    training_data=args.analysis in TRAINING_DATA,
   )
   module = MODULES[args.analysis]
   kwargs = {'batch_size': args.batch_size}

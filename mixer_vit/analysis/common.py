@@ -88,15 +88,20 @@ def load_subject(
   pp: str | None = None,
   examples: int = 512,
   ema: bool = False,
+  training_data: bool = False,
   mesh: Any = None,
 ) -> Subject:
-  """The checkpoint's model and the first `examples` examples of `split` (module docstring)."""
+  """The checkpoint's model and the first `examples` examples of `split` (module docstring);
+  without `split`, the config's test split, or with `training_data` its train split (still with
+  the evaluation preprocessing: no augmentation)."""
   classifier = infer.load_classifier(checkpoint, model, ema=ema)
   config = evaluate.data_config(classifier, dataset, data_dir, pp)
   mesh = mesh or parallel.make_mesh()
   with config.unlocked():
     if split:
       config.test_split = split
+    elif training_data:
+      config.test_split = config.train_split
     config.eval_batch_size = max(mesh.size, min(256, examples) // mesh.size * mesh.size)
   info = data.get_info(config)
   if info.num_classes != classifier.num_classes:
