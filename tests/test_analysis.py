@@ -179,7 +179,9 @@ def test_every_family_gives_its_sub_blocks_and_the_models_own_numbers(family):
   assert kinds == KINDS[family]
   logits, blocks = jax.jit(run)(params, subject.images)
   assert all(b.output.ndim == 4 for b in blocks)
-  expected, out = models.apply_with_intermediates(model, params, subject.images)
+  expected, out = jax.jit(lambda p, x: models.apply_with_intermediates(model, p, x))(
+    params, subject.images
+  )
   np.testing.assert_allclose(logits, expected, atol=1e-5)
   last = np.asarray(blocks[-1].output)
   if family in ('vit', 'hybrid', 'mixer'):

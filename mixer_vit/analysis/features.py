@@ -34,12 +34,16 @@ from mixer_vit.models import vit
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Block:
-  name: str = dataclasses.field(metadata={'static': True})  # e.g. 'Transformer/encoderblock_0/mlp'
-  kind: str = dataclasses.field(
-    metadata={'static': True}
-  )  # 'conv', 'attention', 'token_mixing', 'mlp'
-  input: jax.Array  # (B, H, W, C)
-  output: jax.Array  # (B, H, W, C)
+  """One sub-block (a pytree: the maps are its leaves, so jitted functions may return it).
+
+  `name`: the '/'-joined module path, e.g. 'Transformer/encoderblock_0/mlp'; `kind`: 'conv',
+  'attention', 'token_mixing' or 'mlp'; `input`, `output`: (B, H, W, C) float32 maps.
+  """
+
+  name: str = dataclasses.field(metadata={'static': True})
+  kind: str = dataclasses.field(metadata={'static': True})
+  input: jax.Array
+  output: jax.Array
 
 
 @dataclasses.dataclass
