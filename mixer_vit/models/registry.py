@@ -1,7 +1,9 @@
 """Named model configurations and the factory that turns them into modules.
 
 The names are those of the released checkpoints (gs://vit_models/...), plus `testing` /
-`testing-mixer` (tiny models for tests). The sizes, and the per-model default dropout, follow
+`testing-mixer` (tiny models for tests), and the convolutional families of "How Do Vision
+Transformers Work?" for small images: `ResNet-S` (family `resnet`, `models.resnet`) and
+`AlterNet-S` (family `alternet`, `models.alternet`), with `testing-resnet` / `testing-alternet`. The sizes, and the per-model default dropout, follow
 vit_jax/configs/models.py; the Mixer sizes missing there (S, H) follow Table 1 of the MLP-Mixer
 paper. As in the original list, no model has a `representation_size` by default: the
 ImageNet-21k ViT checkpoints carry a 768-wide `pre_logits` layer that `models.load_pretrained`
@@ -13,7 +15,8 @@ A config's keys are the module's fields (plus `name`, `family` and `image_size`)
 `build_model` passes the config through: `patches.size`, `hidden_size`,
 `transformer.{num_layers, mlp_dim, num_heads}`,
 `resnet.{num_layers, width_factor, root, num_groups}` (ViT); `num_blocks`, `tokens_mlp_dim`,
-`channels_mlp_dim` (Mixer); `dropout_rate`, `stochastic_depth`, `dtype`, `matmul_dtype`, ... (both).
+`channels_mlp_dim` (Mixer); `resnet` (ResNet, AlterNet) and `msa_stages`, `msa_head_dim`
+(AlterNet); `dropout_rate`, `stochastic_depth`, `dtype`, `matmul_dtype`, ... (all).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import flax.linen as nn
 import ml_collections
 
 from mixer_vit import sizes
+from mixer_vit.models import alternet
 from mixer_vit.models import augreg
 from mixer_vit.models import common
 from mixer_vit.models import mixer
@@ -34,7 +38,9 @@ from mixer_vit.models import resnet
 from mixer_vit.models import vit
 
 # Model family -> its module file (`Model`, and the checkpoint steps models.load_pretrained uses).
-FAMILIES = {'vit': vit, 'mixer': mixer}
+FAMILIES = {'vit': vit, 'mixer': mixer, 'resnet': resnet, 'alternet': alternet}
+# Families built of ResNet units: no token layers, so no scan / remat / stochastic depth.
+_CONV_FAMILIES = ('resnet', 'alternet')
 # Config keys that are no module field.
 _NOT_FIELDS = ('name', 'family', 'image_size')
 
@@ -96,6 +102,23 @@ def _mixer(name, patch, hidden, blocks, tokens_mlp, channels_mlp) -> ml_collecti
   c.tokens_mlp_dim = tokens_mlp
   c.channels_mlp_dim = channels_mlp
   _options(c, 0.0)
+  return c
+
+
+def _convnet(name, family, stages, width, root, groups, msa_stages=()) -> ml_collections.ConfigDict:
+  """A ResNet (or, with `msa_stages`, an AlterNet) for 32 px images and 10 classes."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.family = family
+  c.resnet = None
+  _set_resnet(c, {'num_layers': stages, 'width_factor': width, 'root': root, 'num_groups': groups})
+  if family == 'alternet':
+    c.msa_stages = tuple(msa_stages)
+    c.msa_head_dim = 32
+    c.attention_impl = 'auto'
+  _options(c, 0.0)
+  c.num_classes = 10
+  c.image_size = (32, 32)
   return c
 
 
@@ -172,9 +195,24 @@ def _testing_mixer() -> ml_collections.ConfigDict:
   return c
 
 
+# Small-image convolutional models: (family, stages, width factor, root, GroupNorm groups, MSA
+# stages). 'ResNet-S' extends the CIFAR-10 hybrid's stem (configs/cifar10.py: half-width BiT units
+# after a 3x3 root + max-pool, 8 groups; stages at 16x16 and 8x8) by a third stage at the 4x4 of
+# the hybrid's tokens, two units per stage: BiT's R20 at half width, 0.87 M parameters at 10
+# classes. 'AlterNet-S': the same with the last unit of stages 2 and 3 an MSA unit (0.77 M).
+_CONVNETS = {
+  'testing-resnet': ('resnet', (1, 1), 0.25, 'conv3', 8, ()),
+  'testing-alternet': ('alternet', (1, 2), 0.5, 'conv3', 8, (2,)),
+  'ResNet-S': ('resnet', (2, 2, 2), 0.5, 'conv3_pool', 8, ()),
+  'AlterNet-S': ('alternet', (2, 2, 2), 0.5, 'conv3_pool', 8, (2, 3)),
+}
+
+
 def _populate() -> None:
   _register('testing', _testing, augreg_alias=False)
   _register('testing-mixer', _testing_mixer, augreg_alias=False)
+  for name, spec in _CONVNETS.items():
+    _register(name, lambda n=name, s=spec: _convnet(n, *s), augreg_alias=False)
   for name, (size, patch, dropout) in _VIT_MODELS.items():
     _register(
       name, lambda n=name, s=size, p=patch, d=dropout: _vit(n, p, *_VIT_SIZES[s], dropout=d)
@@ -240,7 +278,7 @@ def _normalise(key: str, value: Any) -> Any:
   if key == 'matmul_dtype':
     dtype = precision.to_matmul_dtype(value)
     return None if dtype is None else dtype.name
-  if key == 'resnet.num_layers':
+  if key in ('resnet.num_layers', 'msa_stages'):
     return tuple(value)
   return value
 
@@ -255,6 +293,8 @@ def _flatten_overrides(overrides: dict[str, Any], prefix: str = ''):
 
 
 def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
+  if value is None and config.get('family') in _CONV_FAMILIES:
+    raise ValueError(f'{config.name} is a {config.family} model: resnet cannot be None.')
   if value is not None:
     value = dict(value)
     unknown = set(value) - {'num_layers', 'width_factor', 'root', 'num_groups'}
@@ -278,14 +318,14 @@ def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
 
 def _apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   key = _KEY_ALIASES.get(key, key)
-  if key == 'resnet' and config.family == 'vit':
+  if key == 'resnet' and config.family in ('vit', *_CONV_FAMILIES):
     _set_resnet(config, value)
     return
   *parents, leaf = key.split('.')
   node = config
   for part in parents:
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      if part == 'resnet' and node is config and config.family == 'vit':
+      if part == 'resnet' and node is config and config.family in ('vit', *_CONV_FAMILIES):
         raise ValueError(
           f'{config.name} has no ResNet stem; set resnet={{"num_layers": '
           f'(...), "width_factor": 1.0}} as a whole instead of {key!r}.'
@@ -344,7 +384,16 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the first inconsistent setting."""
   if config.family not in FAMILIES:
-    raise ValueError(f"family must be 'vit' or 'mixer', got {config.family!r}.")
+    raise ValueError(f'family must be one of {", ".join(FAMILIES)}, got {config.family!r}.')
+  if config.family in _CONV_FAMILIES:
+    for key in ('scan', 'remat', 'stochastic_depth'):
+      if config[key]:
+        raise ValueError(
+          f'{key}={config[key]!r}: the {config.family} family ({config.name}) has no layer stack '
+          f'for it; set model.{key} to its default (False / 0).'
+        )
+  if config.family == 'alternet':
+    alternet.check_msa_stages(config.msa_stages, config.resnet.num_layers)
   if config.family == 'vit':
     if config.classifier not in vit.CLASSIFIERS:
       raise ValueError(f'classifier must be one of {vit.CLASSIFIERS}, got {config.classifier!r}.')
@@ -370,9 +419,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def family(config: ml_collections.ConfigDict):
-  """The module file of the config's model family (`vit` or `mixer`)."""
+  """The module file of the config's model family (`vit`, `mixer`, `resnet` or `alternet`)."""
   if config.family not in FAMILIES:
-    raise ValueError(f"family must be 'vit' or 'mixer', got {config.family!r}.")
+    raise ValueError(f'family must be one of {", ".join(FAMILIES)}, got {config.family!r}.')
   return FAMILIES[config.family]
 
 
@@ -391,7 +440,9 @@ def get_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn
 
 
 def num_layers(config: ml_collections.ConfigDict) -> int:
-  """Number of blocks (transformer layers or Mixer blocks)."""
+  """Number of blocks (transformer layers, Mixer blocks, or ResNet / AlterNet units)."""
   if config.family == 'mixer':
     return config.num_blocks
+  if config.family in _CONV_FAMILIES:
+    return sum(config.resnet.num_layers)
   return config.transformer.num_layers

@@ -1,9 +1,18 @@
-"""BiT-style ResNet v1.5 stem for the R+ViT hybrids.
+"""BiT-style ResNet v1.5: the stem of the R+ViT hybrids, and the pure ResNet classifier family.
 
 Weight-standardised convolutions followed by GroupNorm (32 groups in the released
 hybrids; `num_groups` for narrow stems), bottleneck units. Module names (`conv_root`,
 `gn_root`, `block1/unit1/conv1`, `gn1`, ..., `conv_proj`, `gn_proj`) are those of the
 released hybrid checkpoints; `fix_group_norm` adapts the GroupNorm shapes of older hybrid files.
+
+The `resnet` model family (`ResNet`, registry names `ResNet-S`, `testing-resnet`) is that stem
+with a classifier: global average pooling of the last stage and a zero-initialised `head`. Its
+parameter tree is the hybrid stem's plus the head:
+`conv_root/kernel`, `gn_root/{scale,bias}`, `block<s>/unit<u>/{conv1,conv2,conv3,conv_proj}/kernel`,
+`block<s>/unit<u>/{gn1,gn2,gn3,gn_proj}/{scale,bias}`, `head/{kernel,bias}` (stages and units
+numbered from 1, as in the released BiT and hybrid files). Config keys: `resnet` =
+{`num_layers`: units per stage, `width_factor`, `root` (`ROOTS`), `num_groups`}, `num_classes`,
+`head_bias_init`, `dropout_rate` (before the head), `dtype`, `param_dtype`, `matmul_dtype`.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_vit.models import common  # Circular (common uses this module), only at call time.
 from mixer_vit.models import precision
 
 Dtype = Any
@@ -148,6 +158,36 @@ def _root(root: str) -> tuple[int, int, bool]:
   return ROOTS[root]
 
 
+def root_block(
+  x,
+  *,
+  width_factor: float,
+  root: str,
+  num_groups: int,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  matmul_dtype: Dtype | None = None,
+):
+  """`conv_root`, `gn_root`, ReLU (and the max-pool of `ROOTS`) in the caller's scope; returns
+  the output and the root's width (64 x width_factor), that of the first stage's bottlenecks."""
+  kernel, stride, pool = _root(root)
+  width = int(64 * width_factor)
+  _check_num_groups(num_groups, width)
+  x = StdConv(
+    width,
+    (kernel, kernel),
+    (stride, stride),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    matmul_dtype=matmul_dtype,
+    name='conv_root',
+  )(x)
+  x = nn.relu(_group_norm('gn_root', dtype, param_dtype, num_groups)(x))
+  if pool:
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+  return x, width
+
+
 def resnet_stem(
   x,
   *,
@@ -165,21 +205,15 @@ def resnet_stem(
   top level of the model (`conv_root`, `gn_root`, `block1`, ...), as in the
   released checkpoints.
   """
-  kernel, stride, pool = _root(root)
-  width = int(64 * width_factor)
-  _check_num_groups(num_groups, width)
-  x = StdConv(
-    width,
-    (kernel, kernel),
-    (stride, stride),
+  x, width = root_block(
+    x,
+    width_factor=width_factor,
+    root=root,
+    num_groups=num_groups,
     dtype=dtype,
     param_dtype=param_dtype,
     matmul_dtype=matmul_dtype,
-    name='conv_root',
-  )(x)
-  x = nn.relu(_group_norm('gn_root', dtype, param_dtype, num_groups)(x))
-  if pool:
-    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
+  )
   for i, num_units in enumerate(num_layers):
     x = ResNetStage(
       num_units,
@@ -239,3 +273,91 @@ def fix_group_norm(params: Mapping) -> dict[str, Any]:
     return out
 
   return fix(params, '')
+
+
+# ------------------------------------------------------------------------------------------------
+# The `resnet` family: a ResNet classifier.
+
+
+class ResNet(nn.Module):
+  """BiT-style ResNet v1.5 classifier: `resnet_stem`, global average pooling, `head`.
+
+  Call as `apply({'params': p}, images, train=bool)` with images (B, H, W, 3) in [-1, 1];
+  returns float32 logits (B, num_classes). The fields `stochastic_depth`, `remat`,
+  `remat_policy` and `scan` exist so that the shared config keys pass through; the registry
+  refuses them set (`validate_config`).
+  """
+
+  num_classes: int | None
+  resnet: Mapping[str, Any]  # {'num_layers': (2, 2, 2), 'width_factor': 0.5, 'root', 'num_groups'}
+  head_bias_init: float = 0.0
+  dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  remat: bool = False
+  remat_policy: str = 'nothing'
+  scan: bool = False
+  dtype: Dtype = 'float32'
+  param_dtype: Dtype = 'float32'
+  matmul_dtype: Dtype | None = None
+
+  def __post_init__(self):
+    common.freeze_fields(self, 'resnet')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    common.check_images(images, 'ResNet')
+    dtype, param_dtype = common.to_dtype(self.dtype), common.to_dtype(self.param_dtype)
+    x = resnet_stem(
+      images,
+      num_layers=tuple(self.resnet['num_layers']),
+      width_factor=self.resnet.get('width_factor', 1.0),
+      root=self.resnet.get('root', DEFAULT_ROOT),
+      num_groups=self.resnet.get('num_groups', DEFAULT_NUM_GROUPS),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      matmul_dtype=precision.to_matmul_dtype(self.matmul_dtype),
+    )
+    return classify(self, x, train, param_dtype)
+
+
+def classify(module: nn.Module, x, train: bool, param_dtype: Dtype):
+  """Global average pooling, dropout and the zero-initialised `head` (call in a compact method);
+  sows the pooled features as the head's input."""
+  x = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+  x = nn.Dropout(rate=module.dropout_rate)(x, deterministic=not train)
+  module.sow(common.INTERMEDIATES, common.HEAD_INPUT, x)
+  if module.num_classes:
+    x = common.classifier_head(x, module.num_classes, module.head_bias_init, param_dtype)
+  return x
+
+
+Model = ResNet
+
+# Checkpoints (see models.load_pretrained / load_params): the stem's names are the released
+# hybrids', so a hybrid's `conv_root` / `block<i>` weights load by name (`config.frozen` etc.).
+LOAD_HINTS = {
+  'block': 'ResNet units follow config resnet.num_layers and width_factor; use the ones the '
+  'checkpoint was trained with.',
+}
+
+
+def fix_legacy(params: Mapping) -> dict[str, Any]:
+  """GroupNorm scale/bias of older BiT-style files, shaped (1, 1, 1, C), become (C,)."""
+  return fix_group_norm(params)
+
+
+def num_grid_tokens(params: Mapping) -> int | None:
+  """A convolutional network has no fixed token grid: None (any resolution)."""
+  del params
+  return None
+
+
+def adapt_pretrained(
+  restored: dict[str, Any],
+  expected: Mapping,
+  config: Any,
+  source_grid: tuple[int, int] | None = None,
+) -> None:
+  """Nothing beyond the new head: convolutions fit every resolution."""
+  del restored, expected, config, source_grid

@@ -1,0 +1,31 @@
+r"""CIFAR-10 from scratch with the pure ResNet of "How Do Vision Transformers Work?" comparisons.
+
+  python -m mixer_vit.main --config=configs/cifar10_resnet.py --workdir=workdirs/cifar10_resnet
+  python -m mixer_vit.main --config=configs/cifar10_resnet.py:epochs=3 \
+      --config.dataset=/data/cifar10 --workdir=workdirs/cifar10_resnet_probe
+
+The model is ``ResNet-S`` (``models.resnet``): the CIFAR-10 hybrid's stem (configs/cifar10.py: 3x3
+root + max-pool, half-width BiT bottleneck units, GroupNorm with 8 groups) with two units per stage
+and a third stage at 4x4, the hybrid's token resolution, then global average pooling and the head
+(0.87 M parameters). Everything else is the hybrid's recipe (data, augmentation, AdamW one-cycle
+cosine, mixed precision), so that the two differ only in the model; ``configs/cifar10_alternet.py``
+is the same with MSA units. Not yet measured on CIFAR-10 (no accuracy claimed here).
+"""
+
+import os
+
+from mixer_vit import config_utils
+
+
+def get_config(arg=None):
+  """``arg``: ``epochs=N`` (default 35, as configs/cifar10.py)."""
+  return convnet_config('ResNet-S', arg)
+
+
+def convnet_config(model_name, arg=None):
+  """configs/cifar10.py's recipe with the registry's ``model_name`` (a ResNet or AlterNet)."""
+  recipe = config_utils.load_config_module(os.path.join(os.path.dirname(__file__), 'cifar10.py'))
+  c = recipe.get_config(arg)
+  c.model_name = model_name
+  c.model = config_utils.base_config().model  # The registry entry as it is.
+  return c
