@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from mixer_vit.models import alternet
 from mixer_vit.models import common as model_common
+from mixer_vit.models import geometry
 from mixer_vit.models import mixer
 from mixer_vit.models import resnet
 from mixer_vit.models import vit
@@ -142,7 +143,7 @@ def _square(tokens: int) -> tuple[int, int]:
 def token_grid(subject_config: Any, image_size: tuple[int, int]) -> tuple[int, int] | None:
   """The token grid of a ViT / Mixer at `image_size`; None for convolutional families."""
   if subject_config.family in ('vit', 'mixer'):
-    return tuple(model_common.token_grid(subject_config, image_size))
+    return tuple(geometry.token_grid(subject_config, image_size))
   return None
 
 

@@ -15,8 +15,8 @@ token grid, intermediates), `precision.py` (mixed precision: bfloat16 multiplies
 
 from mixer_vit.models.common import REMAT_POLICIES
 from mixer_vit.models.common import apply_with_intermediates
-from mixer_vit.models.common import pixels_per_token
-from mixer_vit.models.common import token_grid
+from mixer_vit.models.geometry import pixels_per_token
+from mixer_vit.models.geometry import token_grid
 from mixer_vit.models.loading import image_size_from_params
 from mixer_vit.models.loading import load_params
 from mixer_vit.models.loading import load_pretrained

@@ -23,9 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_vit import params_io
-from mixer_vit import sizes
 from mixer_vit.models import precision
-from mixer_vit.models import resnet
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -72,35 +70,6 @@ def freeze_fields(module: nn.Module, *names: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Token grid.
-
-
-def token_grid(config: Any, image_size: Any = None) -> tuple[int, int]:
-  """(rows, cols) of the tokens a model of `config` makes from an (H, W) image.
-
-  `image_size` defaults to the config's. ViT: patches of the image, or of the ResNet stem's
-  output for hybrids, partial patches dropped ('VALID'). Mixer: its stem pads ('SAME'), so
-  partial patches count.
-  """
-  h, w = sizes.pair(config.image_size if image_size is None else image_size, 'image_size')
-  ph, pw = sizes.pair(config.patches.size, 'patches.size')
-  if config.family == 'mixer':
-    return -(-h // ph), -(-w // pw)
-  if config.resnet is not None:
-    root = config.resnet.get('root', resnet.DEFAULT_ROOT)
-    h = resnet.stem_output_size(h, config.resnet.num_layers, root)
-    w = resnet.stem_output_size(w, config.resnet.num_layers, root)
-  return h // ph, w // pw
-
-
-def pixels_per_token(config: Any) -> tuple[int, int]:
-  """Input pixels per token along (H, W): patch size times the ResNet stem's stride."""
-  ph, pw = sizes.pair(config.patches.size, 'patches.size')
-  if config.family == 'mixer' or config.resnet is None:
-    return ph, pw
-  stride = resnet.stem_stride(
-    config.resnet.num_layers, config.resnet.get('root', resnet.DEFAULT_ROOT)
-  )
-  return ph * stride, pw * stride
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from mixer_vit import params_io
-from mixer_vit.models import common
+from mixer_vit.models import geometry
 from mixer_vit.models import registry
 
 Params = dict[str, Any]
@@ -107,13 +107,13 @@ def image_size_from_params(
   num = registry.family(model_config).num_grid_tokens(params_io.unwrap(params))
   if num is None:
     return None
-  grid = common.token_grid(model_config)
+  grid = geometry.token_grid(model_config)
   if grid[0] * grid[1] == num:
     return tuple(model_config.image_size)
   side = int(round(np.sqrt(num)))
   if side * side != num:
     return None
-  ph, pw = common.pixels_per_token(model_config)
+  ph, pw = geometry.pixels_per_token(model_config)
   return side * ph, side * pw
 
 
@@ -164,8 +164,8 @@ def _resize_to(
 ) -> None:
   """Adapts (in place) a tree made for (H, W) = `size` images to `model_config.image_size`."""
   want = tuple(model_config.image_size)
-  per_token = common.pixels_per_token(model_config)
-  grid = common.token_grid(model_config)
+  per_token = geometry.pixels_per_token(model_config)
+  grid = geometry.token_grid(model_config)
   if any(g * p != w for g, p, w in zip(grid, per_token, want)):
     raise ValueError(
       f'image size {want} is not a whole number of {per_token[0]}x{per_token[1]}-pixel tokens '

@@ -27,7 +27,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_vit.models import common  # Circular (common uses this module), only at call time.
+from mixer_vit.models import common
 from mixer_vit.models import precision
 
 Dtype = Any

@@ -33,6 +33,7 @@ import numpy as np
 from mixer_vit import params_io
 from mixer_vit import sizes
 from mixer_vit.models import common
+from mixer_vit.models import geometry
 from mixer_vit.models import precision
 from mixer_vit.models import resnet
 
@@ -603,7 +604,7 @@ def num_grid_tokens(params: Mapping) -> int | None:
 
 def _grid_of(num_tokens: int, config: Any) -> tuple[int, int] | None:
   """Token grid with `num_tokens` cells: the config's image size's, else square."""
-  grid = common.token_grid(config)
+  grid = geometry.token_grid(config)
   if grid[0] * grid[1] == num_tokens:
     return grid
   side = int(round(np.sqrt(num_tokens)))
