@@ -258,7 +258,7 @@ def test_every_command_writes_its_picture_and_numbers(digits_workdir, tmp_path, 
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with open(common.json_path(out)) as f:
     result = json.load(f)
-  assert result == printed
+  assert result.pop('software').startswith('mixer_vit') and result == printed
   assert result['analysis'] == analysis and result['family'] == 'vit'
   assert result['dataset'] == 'digits'
   assert result['split'] == ('train' if analysis in ('hessian', 'landscape') else 'test')
@@ -277,8 +277,15 @@ def test_every_command_writes_its_picture_and_numbers(digits_workdir, tmp_path, 
   before = os.path.getmtime(out), open(common.json_path(out)).read()
   assert command.main(argv + ARGS[analysis]) == 2
   error = capsys.readouterr().err
-  assert error.count('\n') == 1 and 'exists; pass --overwrite' in error and out in error
+  assert error.count('\n') == 1 and '--overwrite' in error and out in error
   assert (os.path.getmtime(out), open(common.json_path(out)).read()) == before
+  # A user's file at --out is never replaced, not even with --overwrite.
+  photo = tmp_path / 'photo.png'
+  photo.write_bytes(b'not ours')
+  argv = [analysis, f'--checkpoint={digits_workdir}', f'--out={photo}', '--overwrite']
+  assert command.main(argv) == 2
+  assert 'not written by mixer_vit' in capsys.readouterr().err
+  assert photo.read_bytes() == b'not ours'
 
 
 def test_scanned_mixed_precision_models_are_analysed_unrolled_in_float32():

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import json
 import sys
 
-from mixer_vit import infer
+from mixer_vit import cli
 from mixer_vit.analysis import ANALYSES
 from mixer_vit.analysis import common
 from mixer_vit.analysis import fourier
@@ -47,15 +47,14 @@ MODULES = {
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='python -m mixer_vit.analysis',
     description=__doc__.split('\n\n')[0].strip(),
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog=__doc__.split('\n\n', 1)[1],
   )
   parser.add_argument('analysis', choices=ANALYSES)
-  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
-  parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
+  cli.add_checkpoint_flags(parser, 'ema')
   parser.add_argument('--dataset', help="tfds name, 'digits' or an image-folder root")
   parser.add_argument('--data_dir', help='tfds data dir')
   parser.add_argument(
@@ -66,18 +65,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--pp', help='preprocessing, ending in value_range(-1,1)|onehot')
   parser.add_argument(
     '--examples',
-    type=int,
+    type=cli.positive_int,
     default=512,
     help='examples analysed (default 512; hessian takes --batches x --batch_size)',
   )
   parser.add_argument(
-    '--batch_size', type=int, default=64, help='global batch, split over the devices (default 64)'
+    '--batch_size',
+    type=cli.positive_int,
+    default=64,
+    help='global batch, split over the devices (default 64)',
   )
   parser.add_argument('--out', required=True, help='picture to write (PNG); numbers beside it')
   parser.add_argument('--json', action='store_true', help='also print the numbers as JSON')
   parser.add_argument('--overwrite', action='store_true', help='replace existing output files')
   parser.add_argument('--seed', type=int, default=0, help='noise draws / directions / vectors')
-  infer.add_ema_flag(parser)
   parser.add_argument('--noise_rms', type=float, default=0.1, help='noise: RMS per image value')
   parser.add_argument('--batches', type=int, default=10, help='hessian: mini-batches')
   parser.add_argument('--iterations', type=int, default=100, help='hessian: power iterations')
@@ -96,7 +97,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
   """Loads the checkpoint and runs the analysis; returns its numbers (written with the picture)."""
-  common.refuse_existing_outputs([args.out, common.json_path(args.out)], args.overwrite)
+  common.refuse_existing_outputs(args.out, args.overwrite)
   subject = common.load_subject(
     args.checkpoint,
     args.model,
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     result = run(args)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError, cli.CommandError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.json:

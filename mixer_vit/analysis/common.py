@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import functools
-import io
 import json
 import os
 from typing import Any
@@ -23,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixer_vit import cli
 from mixer_vit import data
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit import parallel
 from mixer_vit import params_io
-from mixer_vit import paths
 
 
 @dataclasses.dataclass
@@ -229,30 +228,33 @@ def json_path(out: str) -> str:
   return os.path.splitext(out)[0] + '.json'
 
 
-def refuse_existing_outputs(out_paths: list[str], overwrite: bool) -> None:
-  """Stops before any work when an output file exists and `--overwrite` was not given (one line
-  naming the file). Kept in this one function so a shared overwrite policy can replace it."""
-  if overwrite:
-    return
-  for path in out_paths:
-    if paths.exists(path):
-      raise FileExistsError(
-        f'{path} exists; pass --overwrite to replace it, or choose another --out'
-      )
+def json_is_ours(path: str) -> bool:
+  """Whether ``path`` is a JSON file an analysis wrote (its ``software`` entry)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return cli.is_ours(json.load(f).get('software'))
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def refuse_existing_outputs(out: str, overwrite: bool) -> None:
+  """Stops before any work when the picture or its JSON would replace a file: a user's file
+  never, an earlier analysis output only with ``--overwrite`` (``cli.check_output``)."""
+  cli.check_output(out, '--out', overwrite=overwrite, ours=cli.png_is_ours, example='plot.png')
+  cli.check_output(json_path(out), '--out', overwrite=overwrite, ours=json_is_ours)
 
 
 def write_outputs(out: str, figure: Any, result: dict[str, Any]) -> tuple[str, str]:
-  """Writes the picture to `out` and the numbers to `json_path(out)` (each atomically)."""
-  directory = paths.dirname(out)
-  if directory:
-    paths.makedirs(directory)
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format=os.path.splitext(out)[1][1:] or 'png', dpi=120)
+  """Writes the picture to `out` (PNG, marked as ours) and the numbers to `json_path(out)`, each
+  complete or not at all."""
   from matplotlib import pyplot as plt  # noqa: PLC0415  # Imported by `figure` already.
 
+  with cli.staged(out) as staged:
+    figure.savefig(staged, format='png', dpi=120, metadata={'Software': cli.SOFTWARE})
   plt.close(figure)
-  paths.write_bytes(out, buffer.getvalue())
-  paths.write_text(json_path(out), json.dumps(result, indent=1) + '\n')
+  with cli.staged(json_path(out)) as staged:
+    with open(staged, 'w', encoding='utf-8') as f:
+      f.write(json.dumps({'software': cli.SOFTWARE, **result}, indent=1) + '\n')
   return out, json_path(out)
 
 
