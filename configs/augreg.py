@@ -51,14 +51,14 @@ accelerator pod; ImageNet-21k for 300 epochs is about a million steps of 4096 im
 AugReg and enough compute ViTs trained on the public ImageNet-21k match or beat the same models
 trained on the 10x larger, non-public JFT-300M. The accuracy of every released run of this grid,
 upstream (``final_val``) and after fine-tuning (``adapt_final_test``), is in the release's
-``index.csv``: ``python -m mixer_vit.checkpoints --index=index.csv --model=B/16`` lists them.
+``index.csv``: ``python -m mixer_vit.pick_augreg --index=index.csv --model=B/16`` lists them.
 """
 
 import math
 import pathlib
 
-from mixer_vit import config_utils
 from mixer_vit import models
+from mixer_vit.training import config_utils
 
 # (RandAugment (num_layers, magnitude) or None, mixup alpha or 0) per level.
 AUG_LEVELS = {

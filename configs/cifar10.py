@@ -27,7 +27,7 @@ the result moves by a few tenths. Another CPU runs the same epochs at its own sp
 
 import os
 
-from mixer_vit import config_utils
+from mixer_vit.training import config_utils
 
 
 def get_config(arg=None):

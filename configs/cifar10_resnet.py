@@ -14,7 +14,7 @@ is the same with MSA units. Not yet measured on CIFAR-10 (no accuracy claimed he
 
 import os
 
-from mixer_vit import config_utils
+from mixer_vit.training import config_utils
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ few of the 299 test images differently. Measured on an Intel Xeon with AMX (2 co
   0 in 73.2 s.
 """
 
-from mixer_vit import config_utils
+from mixer_vit.training import config_utils
 
 
 def get_config(arg=None):

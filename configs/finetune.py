@@ -21,7 +21,7 @@ ViT-B_16 (ImageNet-21k) -> cifar10 98.92% / 99.03% (7.2h / 7.7h), -> cifar100 92
 Shorter schedules work too, e.g. ``--config.total_steps=500 --config.warmup_steps=50`` (98.59%
 on cifar10 for ViT-B_16 in that table).
 
-Fine-tuning controls (``mixer_vit.optim``; all off here, as in the original code). Patterns are
+Fine-tuning controls (``mixer_vit.training.optim``; all off here, as in the original code). Patterns are
 regular expressions matched in full against the checkpoint's parameter names:
 
   --config.trainable='head/.*'                          # a linear probe: only the head trains
@@ -33,8 +33,8 @@ Frozen parameters get no update, no weight decay and no optimiser state. With ``
 the embedding / stem trains at ``layer_decay ** (L + 1)`` and the head and final norm at 1.
 """
 
-from mixer_vit import config_utils
 from mixer_vit import models
+from mixer_vit.training import config_utils
 
 _STEPS = {'imagenet2012': 20_000}  # Everything else: 10,000 (CIFAR's).
 _TRAIN_SPLITS = {'cifar10': 'train[:98%]', 'cifar100': 'train[:98%]', 'imagenet2012': 'train[:99%]'}

@@ -25,7 +25,7 @@ changes of 2026-12-04 (same math, other rounding):
 
 import pathlib
 
-from mixer_vit import config_utils
+from mixer_vit.training import config_utils
 
 _cifar10 = config_utils.load_config_module(pathlib.Path(__file__).with_name('cifar10.py'))
 

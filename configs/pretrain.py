@@ -44,9 +44,9 @@ epochs would take about 2.7 days; use an accelerator.
 
 import math
 
-from mixer_vit import config_utils
 from mixer_vit import models
 from mixer_vit.models import precision
+from mixer_vit.training import config_utils
 
 # Examples per split, for epochs -> steps.
 _TRAIN_EXAMPLES = {

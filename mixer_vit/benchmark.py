@@ -11,7 +11,7 @@ r"""Throughput benchmark: compile time, images/s, and achieved FLOP/s against a 
 prints both and their ratio; each is measured against the matmul peak of its own operand dtype.
 
 ``--memory`` only compiles the training step (on abstract inputs: nothing allocated, nothing run)
-and prints XLA's per-device bytes for it (``mixer_vit.memory``); ``--fsdp=N`` shards the state
+and prints XLA's per-device bytes for it (``mixer_vit.training.memory``); ``--fsdp=N`` shards the state
 over N devices of the mesh (``config.mesh.fsdp``), ``--remat[=POLICY]`` rematerialises the blocks
 (``model.remat``, ``model.remat_policy``), ``--scan`` builds the layers as one ``nn.scan``.
 
@@ -27,7 +27,7 @@ What is measured, in one process:
   XLA's count and once with the analytic one (which XLA's misses where a kernel is a custom call,
   e.g. cuDNN's flash attention).
 
-The command builds the trainer's model, state and step (``mixer_vit.run_setup``) on random data:
+The command builds the trainer's model, state and step (``mixer_vit.training.run_setup``) on random data:
 it needs no data pipeline and imports no TensorFlow, so it runs on a GPU machine without it.
 
 ``--train`` times the trainer's real training step (forward, backward, optimiser update) on
@@ -49,15 +49,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_vit import config_utils
-from mixer_vit import memory
 from mixer_vit import models
-from mixer_vit import parallel
-from mixer_vit import run_setup
-from mixer_vit import sizes
-from mixer_vit import steps
-from mixer_vit import tcmalloc
 from mixer_vit.models import vit
+from mixer_vit.runtime import parallel
+from mixer_vit.runtime import sizes
+from mixer_vit.runtime import tcmalloc
+from mixer_vit.training import config_utils
+from mixer_vit.training import memory
+from mixer_vit.training import run_setup
+from mixer_vit.training import steps
 
 # ----------------------------------------------------------------------------------------------
 # Timing and FLOP counting.

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from mixer_vit import models
-from mixer_vit import tcmalloc
+from mixer_vit.runtime import tcmalloc
 
 
 def load_original(path: str, name: str, num_classes: int):

@@ -25,7 +25,7 @@ import tempfile
 from typing import NoReturn
 
 from mixer_vit import __version__
-from mixer_vit import sizes
+from mixer_vit.runtime import sizes
 
 # Written into every output (PNG text chunk 'Software', export facts): how an output is known as
 # ours. Only the prefix is compared, so outputs of other versions count.

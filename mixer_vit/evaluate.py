@@ -1,5 +1,5 @@
 r"""Evaluates a checkpoint on a data set split: top-1, top-5 accuracy and the example count; or,
-with ``--fewshot``, the few-shot linear probes of its representation (``mixer_vit.fewshot``).
+with ``--fewshot``, the few-shot linear probes of its representation (``mixer_vit.training.fewshot``).
 
   python -m mixer_vit.evaluate --checkpoint=WORKDIR [--split=test] [--ema]
   python -m mixer_vit.evaluate --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
@@ -33,13 +33,13 @@ import jax
 import numpy as np
 
 from mixer_vit import cli
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import fewshot
 from mixer_vit import infer
-from mixer_vit import parallel
-from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
+from mixer_vit.training import fewshot
+from mixer_vit.training import steps
 
 
 def evaluate_classifier(

@@ -58,8 +58,8 @@ import tensorflow as tf
 from mixer_vit import cli
 from mixer_vit import infer
 from mixer_vit import models
-from mixer_vit import params_io
 from mixer_vit.data import preprocess
+from mixer_vit.models import params_io
 
 FORMATS = ('saved_model', 'onnx')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')

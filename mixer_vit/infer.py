@@ -40,13 +40,13 @@ import numpy as np
 
 from mixer_vit import cli
 from mixer_vit import models
-from mixer_vit import params_io
-from mixer_vit import paths
-from mixer_vit import sizes
-from mixer_vit import steps
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.data import preprocess
+from mixer_vit.models import params_io
 from mixer_vit.models import registry
+from mixer_vit.runtime import paths
+from mixer_vit.runtime import sizes
+from mixer_vit.training import steps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 # Ops that only concern labels; inference has none.

@@ -8,7 +8,7 @@ Any config value can be overridden with ``--config.KEY=VALUE``; an unknown key i
 Running the same command again resumes from the workdir's latest checkpoint; a config that changes
 what is trained is refused then (``--config.allow_config_change=True`` accepts it, recorded in the
 workdir's config_history.jsonl), and so is a second run on a workdir in use. ``--dry_run`` compiles
-the train step for the config's mesh, prints its per-device memory and exits (``mixer_vit.memory``). SIGTERM saves a
+the train step for the config's mesh, prints its per-device memory and exits (``mixer_vit.training.memory``). SIGTERM saves a
 checkpoint and exits with status 0. A first Ctrl-C (SIGINT) saves one too and exits with status 130
 (the shells' status for Ctrl-C, so that a script's loop stops as well); a second Ctrl-C exits at
 once (status 130; the steps since the last checkpoint are lost). Errors are one ``error: ...`` message with
@@ -30,8 +30,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mixer_vit import config_utils
-from mixer_vit import tcmalloc
+from mixer_vit.runtime import tcmalloc
+from mixer_vit.training import config_utils
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -150,7 +150,7 @@ def _parse_absl(argv):
     sys.exit(
       f'Unknown config key in {" ".join(overrides)}: {reason}\nEvery --config.KEY must be '
       "a key of the config file's get_config() (see configs/ and "
-      'mixer_vit/config_utils.py).'
+      'mixer_vit/training/config_utils.py).'
     )
 
 
@@ -222,11 +222,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}; values go in --config.KEY=VALUE.')
   # Imported here, after the tcmalloc restart: JAX and TensorFlow take seconds to import.
-  from mixer_vit import memory  # noqa: PLC0415
-  from mixer_vit import parallel  # noqa: PLC0415
-  from mixer_vit import stopping  # noqa: PLC0415
-  from mixer_vit import train  # noqa: PLC0415
   from mixer_vit import workdir as workdir_lib  # noqa: PLC0415
+  from mixer_vit.runtime import parallel  # noqa: PLC0415
+  from mixer_vit.training import memory  # noqa: PLC0415
+  from mixer_vit.training import stopping  # noqa: PLC0415
+  from mixer_vit.training import train  # noqa: PLC0415
 
   _quiet_orbax()
   parallel.maybe_initialize_distributed(_MULTIHOST.value)

@@ -20,9 +20,9 @@ import sys
 from typing import Any
 
 from mixer_vit import cli
-from mixer_vit import metrics
-from mixer_vit import paths
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.runtime import paths
+from mixer_vit.training import metrics
 
 # (panel title, y label, [(metric, line style, legend suffix)]).
 PANELS = (

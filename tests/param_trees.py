@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_vit import models
-from mixer_vit import optim
-from mixer_vit import parallel
-from mixer_vit import params_io
+from mixer_vit.models import params_io
+from mixer_vit.runtime import parallel
+from mixer_vit.training import optim
 
 
 def random_params(config, image_size=None, seed=0):
@@ -45,8 +45,8 @@ def tiny_vit_training(config):
 def train_tiny_digits(workdir):
   """A very short digits run of the tiny model in ``workdir``: ``(workdir, result)`` (its
   checkpoint, config.json, metrics.jsonl and params.npz; 10 classes at 16x16)."""
-  from mixer_vit import config_utils  # noqa: PLC0415  # Only the tests that train need these.
-  from mixer_vit import train  # noqa: PLC0415
+  from mixer_vit.training import config_utils  # noqa: PLC0415  # Only the tests that train need these.
+  from mixer_vit.training import train  # noqa: PLC0415
 
   config = config_utils.base_config()
   config.dataset = 'digits'

@@ -10,12 +10,12 @@ import pytest
 from test_train import losses
 from test_train import tiny_config
 
-from mixer_vit import config_utils
 from mixer_vit import models
-from mixer_vit import params_io
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.models import alternet
+from mixer_vit.models import params_io
+from mixer_vit.training import config_utils
+from mixer_vit.training import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
 

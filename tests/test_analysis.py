@@ -12,7 +12,6 @@ import pytest
 from test_train import tiny_config
 
 from mixer_vit import models
-from mixer_vit import train
 from mixer_vit.analysis import __main__ as command
 from mixer_vit.analysis import common
 from mixer_vit.analysis import features
@@ -21,6 +20,7 @@ from mixer_vit.analysis import hessian
 from mixer_vit.analysis import landscape
 from mixer_vit.analysis import noise
 from mixer_vit.analysis import variance
+from mixer_vit.training import train
 
 # ----------------------------------------------------------------------------------------------
 # Eigenvalues.

@@ -9,7 +9,7 @@ import pytest
 
 from mixer_vit import attention
 from mixer_vit import models
-from mixer_vit import params_io
+from mixer_vit.models import params_io
 
 
 def _random_attention(rng, layers, batch, heads, tokens):

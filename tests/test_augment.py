@@ -12,12 +12,12 @@ from PIL import ImageOps
 import pytest
 import tensorflow as tf
 
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import parallel
 from mixer_vit.data import mix
 from mixer_vit.data import preprocess
 from mixer_vit.data import randaug
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from mixer_vit import checkpoints
 from mixer_vit import models
+from mixer_vit import pick_augreg
 from mixer_vit.models import augreg
 
 UP_B16 = 'B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0'
@@ -149,46 +149,46 @@ def test_short_paper_and_registry_names_still_resolve():
 
 def test_the_recommendation_follows_the_index_numbers(tmp_path):
   index = _write_index(tmp_path / 'index.csv')
-  best = checkpoints.report(index, 'B/16', resolution=384)['recommended']
+  best = pick_augreg.report(index, 'B/16', resolution=384)['recommended']
   assert best['file'] == _adapt_name(UP_B16, 'imagenet2012', 20000, 0.03, 384)
-  assert checkpoints.report(index, 'ViT-B_16', resolution=224)['recommended']['file'] == (
+  assert pick_augreg.report(index, 'ViT-B_16', resolution=224)['recommended']['file'] == (
     _adapt_name(UP_B16, 'imagenet2012', 20000, 0.03, 224)
   )
   # Raise the i1k file's validation accuracy above the others: it becomes the choice.
   rows = [r if r[0] != UP_B16_I1K or r[6] != 384 else (*r[:7], 0.9, 0.7) for r in ROWS]
   index = _write_index(tmp_path / 'changed.csv', rows)
-  best = checkpoints.report(index, 'B_16', resolution=384)['recommended']
+  best = pick_augreg.report(index, 'B_16', resolution=384)['recommended']
   assert best['file'] == _adapt_name(UP_B16_I1K, 'imagenet2012', 20000, 0.01, 384)
-  best = checkpoints.report(index, 'B/16', resolution=384, pretrain='i21k_30')['recommended']
+  best = pick_augreg.report(index, 'B/16', resolution=384, pretrain='i21k_30')['recommended']
   assert best['file'] == _adapt_name(UP_B16_30, 'imagenet2012', 20000, 0.01, 384)
 
 
 def test_the_command_names_the_file_its_path_and_the_download(tmp_path, capsys):
   index = _write_index(tmp_path / 'index.csv')
-  assert checkpoints.main([f'--index={index}', '--model=R26+S/32', '--resolution=384']) == 0
+  assert pick_augreg.main([f'--index={index}', '--model=R26+S/32', '--resolution=384']) == 0
   out = capsys.readouterr().out
   name = _adapt_name(UP_R26, 'imagenet2012', 20000, 0.01, 384)
   assert f'Recommended: {name}' in out
   assert f'gsutil cp gs://vit_models/augreg/{name}.npz .' in out
   assert f'https://storage.googleapis.com/vit_models/augreg/{name}.npz' in out
-  assert checkpoints.main([f'--index={index}', '--model=B/16', '--json']) == 0
+  assert pick_augreg.main([f'--index={index}', '--model=B/16', '--json']) == 0
   r = json.loads(capsys.readouterr().out)
   assert r['matches'] == 6 and [f['val'] for f in r['files']][:2] == [0.862, 0.858]
   assert r['recommended_pretrained']['file'] == UP_B16
 
 
 def test_the_command_names_a_missing_file_column_or_match(tmp_path, capsys):
-  assert checkpoints.main([f'--index={tmp_path}/none.csv', '--model=B/16']) == 2
+  assert pick_augreg.main([f'--index={tmp_path}/none.csv', '--model=B/16']) == 2
   assert 'none.csv not found' in capsys.readouterr().err
   index = _write_index(tmp_path / 'index.csv', columns=[c for c in COLUMNS if c != 'final_val'])
-  assert checkpoints.main([f'--index={index}', '--model=B/16']) == 2
+  assert pick_augreg.main([f'--index={index}', '--model=B/16']) == 2
   assert 'lacks the column(s) final_val' in capsys.readouterr().err
   index = _write_index(tmp_path / 'ok.csv')
-  assert checkpoints.main([f'--index={index}', '--model=L/16']) == 2
+  assert pick_augreg.main([f'--index={index}', '--model=L/16']) == 2
   assert 'No file of L/16' in capsys.readouterr().err
-  assert checkpoints.main([f'--index={index}', '--model=B/16', '--resolution=512']) == 2
+  assert pick_augreg.main([f'--index={index}', '--model=B/16', '--resolution=512']) == 2
   assert 'resolutions 224, 384' in capsys.readouterr().err
   with open(index, 'a') as f:
     f.write(','.join(['B/16', 'i21k'] + ['0.5'] * (len(COLUMNS) - 3) + ['B_16-oops']) + '\n')
-  assert checkpoints.main([f'--index={index}', '--model=B/16']) == 0
+  assert pick_augreg.main([f'--index={index}', '--model=B/16']) == 0
   assert 'skipped 1 row(s)' in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Bad inputs to the checkpoint commands (infer, evaluate, export, attention, plot, checkpoints).
+"""Bad inputs to the checkpoint commands (infer, evaluate, export, attention, plot, pick_augreg).
 
 Each case runs a command's ``main(argv)`` in-process and checks the exit status, that the command
 said ONE line naming the culprit, that every file of the user's is byte-identical afterwards
@@ -19,14 +19,14 @@ from PIL import Image
 import pytest
 
 from mixer_vit import attention
-from mixer_vit import checkpoints
 from mixer_vit import cli
 from mixer_vit import evaluate
 from mixer_vit import export
 from mixer_vit import infer
 from mixer_vit import models
-from mixer_vit import params_io
+from mixer_vit import pick_augreg
 from mixer_vit import plot
+from mixer_vit.models import params_io
 
 import param_trees
 
@@ -36,7 +36,7 @@ COMMANDS = {
   'export': export.main,
   'attention': attention.main,
   'plot': plot.main,
-  'checkpoints': checkpoints.main,
+  'pick_augreg': pick_augreg.main,
 }
 
 _COMPILES = []
@@ -411,21 +411,21 @@ CASES = [
     'evaluate-missing-checkpoint', 'evaluate', ['--checkpoint={u}/run'], ['{u}/run', 'not found']
   ),
   _case('evaluate-resolution-negative', 'evaluate', [*NPZ, '--resolution=-5'], ['--resolution']),
-  # --- checkpoints (the AugReg index).
+  # --- pick_augreg (the AugReg index).
   _case(
-    'checkpoints-binary-index',
-    'checkpoints',
+    'pick_augreg-binary-index',
+    'pick_augreg',
     ['--index={blob}', '--model=B/16'],
     ['--index=', 'blob.bin', 'not a CSV'],
   ),
   _case(
-    'checkpoints-missing-index',
-    'checkpoints',
+    'pick_augreg-missing-index',
+    'pick_augreg',
     ['--index={u}/index.csv', '--model=B/16'],
     ['index.csv', 'not found'],
   ),
   _case(
-    'checkpoints-folder-index', 'checkpoints', ['--index={u}/mine', '--model=B/16'], ['{u}/mine']
+    'pick_augreg-folder-index', 'pick_augreg', ['--index={u}/mine', '--model=B/16'], ['{u}/mine']
   ),
 ]
 

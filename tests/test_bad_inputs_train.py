@@ -28,15 +28,15 @@ import pytest
 from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autouse fixture)
 from test_train import tiny_config
 
-from mixer_vit import config_utils
 from mixer_vit import data
 from mixer_vit import main
-from mixer_vit import metrics
-from mixer_vit import paths
-from mixer_vit import steps
-from mixer_vit import stopping
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.runtime import paths
+from mixer_vit.training import config_utils
+from mixer_vit.training import metrics
+from mixer_vit.training import steps
+from mixer_vit.training import stopping
+from mixer_vit.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 4
@@ -626,7 +626,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 def test_a_second_ctrl_c_exits_at_once():
   script = (
     'import os, signal, time\n'
-    'from mixer_vit import stopping\n'
+    'from mixer_vit.training import stopping\n'
     'stopping.catch_sigterm()\n'
     'os.kill(os.getpid(), signal.SIGINT)\n'
     'time.sleep(0.2)\n'

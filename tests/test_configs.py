@@ -11,10 +11,10 @@ import ml_collections
 from ml_collections import config_flags
 import pytest
 
-from mixer_vit import config_utils
 from mixer_vit import data
 from mixer_vit import models
 from mixer_vit.models import precision
+from mixer_vit.training import config_utils
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 REQUIRED_KEYS = (

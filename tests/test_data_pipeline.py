@@ -10,9 +10,9 @@ import pytest
 from sklearn.datasets import load_digits
 import tensorflow as tf
 
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import parallel
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 

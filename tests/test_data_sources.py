@@ -15,12 +15,12 @@ from sklearn.datasets import load_digits
 import tensorflow_datasets as tfds
 
 from mixer_vit import data
-from mixer_vit import parallel
 from mixer_vit.data import digits
 from mixer_vit.data import folder
 from mixer_vit.data import mnist_idx
 from mixer_vit.data import sources
 from mixer_vit.data import tfds_source
+from mixer_vit.runtime import parallel
 
 PP = 'decode|value_range(-1,1)|onehot'
 

@@ -18,8 +18,8 @@ import shlex
 import subprocess
 import sys
 
-from mixer_vit import config_utils
 from mixer_vit import models
+from mixer_vit.training import config_utils
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO_ROOT / 'README.md', *sorted((REPO_ROOT / 'docs').glob('*.md'))]
@@ -284,11 +284,11 @@ def test_parser_reads_continuations_placeholders_and_quoted_commands():
   doc = '\n'.join(
     [
       '```bash',
-      'mkdir -p out && .venv/bin/python -m mixer_vit.checkpoints --index=INDEX.csv \\',
+      'mkdir -p out && .venv/bin/python -m mixer_vit.pick_augreg --index=INDEX.csv \\',
       '    --model=B/16 [--top=10] [--json] > out/list.txt',
-      'ssh host --command="cd x && python -m mixer_vit.checkpoints --index=i.csv --model=B/16"',
+      'ssh host --command="cd x && python -m mixer_vit.pick_augreg --index=i.csv --model=B/16"',
       '```',
-      'Inline: `python -m mixer_vit.checkpoints --index=I',
+      'Inline: `python -m mixer_vit.pick_augreg --index=I',
       '--model=M`.',
     ]
   )
@@ -297,10 +297,10 @@ def test_parser_reads_continuations_placeholders_and_quoted_commands():
   assert found == [
     (
       2,
-      [('mixer_vit.checkpoints', ['--index=INDEX.csv', '--model=B/16', '[--top=10]', '[--json]'])],
+      [('mixer_vit.pick_augreg', ['--index=INDEX.csv', '--model=B/16', '[--top=10]', '[--json]'])],
     ),
-    (4, [('mixer_vit.checkpoints', ['--index=i.csv', '--model=B/16'])]),
-    (6, [('mixer_vit.checkpoints', ['--index=I', '--model=M'])]),
+    (4, [('mixer_vit.pick_augreg', ['--index=i.csv', '--model=B/16'])]),
+    (6, [('mixer_vit.pick_augreg', ['--index=I', '--model=M'])]),
   ]
 
 
@@ -309,7 +309,7 @@ def test_a_wrong_flag_key_module_or_link_is_reported_with_file_and_line(tmp_path
     [
       'See [the models](models.md) and ![a picture](missing.png).',
       '```bash',
-      'python -m mixer_vit.checkpoints --index=index.csv --model=B/16 --best_first',
+      'python -m mixer_vit.pick_augreg --index=index.csv --model=B/16 --best_first',
       'python -m mixer_vit.no_such_command --x=1',
       'python -m mixer_vit.main --config=configs/digits.py:vit --config.no_such_key=3 \\',
       '    --config.model.hidden_size=32 --workdir=WORKDIR',
@@ -324,7 +324,7 @@ def test_a_wrong_flag_key_module_or_link_is_reported_with_file_and_line(tmp_path
   assert len(errors) == 5, errors
   assert errors[0].startswith('page.md:1: link missing.png does not resolve')
   assert errors[1] == 'page.md:8: link #nowhere: no heading #nowhere in page.md'
-  assert errors[2].startswith('page.md:3: mixer_vit.checkpoints has no flag --best_first (')
+  assert errors[2].startswith('page.md:3: mixer_vit.pick_augreg has no flag --best_first (')
   assert errors[3] == 'page.md:4: no module mixer_vit.no_such_command'
   assert errors[4] == (
     "page.md:5: --config.no_such_key: no key 'no_such_key' in configs/digits.py:vit"

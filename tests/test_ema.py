@@ -13,15 +13,15 @@ from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autou
 from test_train import flat
 from test_train import tiny_config
 
-from mixer_vit import config_utils
 from mixer_vit import evaluate
 from mixer_vit import infer
-from mixer_vit import metrics
-from mixer_vit import parallel
-from mixer_vit import params_io
-from mixer_vit import steps
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.models import params_io
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
+from mixer_vit.training import metrics
+from mixer_vit.training import steps
+from mixer_vit.training import train
 
 import param_trees
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from mixer_vit import env
-from mixer_vit import tcmalloc
 from mixer_vit.models import precision
+from mixer_vit.runtime import env
+from mixer_vit.runtime import tcmalloc
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import tensorflow as tf
 from mixer_vit import export
 from mixer_vit import infer
 from mixer_vit import models
-from mixer_vit import params_io
+from mixer_vit.models import params_io
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ('onnxruntime', 'onnx', 'jax2onnx'))
 needs_onnx = pytest.mark.skipif(

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from test_train import tiny_config
 
-from mixer_vit import config_utils
 from mixer_vit import evaluate
-from mixer_vit import fewshot
-from mixer_vit import metrics
-from mixer_vit import parallel
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
+from mixer_vit.training import fewshot
+from mixer_vit.training import metrics
+from mixer_vit.training import train
 
 
 @pytest.mark.parametrize('n, dim', [(12, 4), (5, 9)])  # Both branches: N >= D and N < D.
@@ -98,7 +98,7 @@ def test_a_trained_model_beats_a_random_one_and_the_command_prints_it(trained_wo
 
 def test_the_training_loop_logs_the_probes(trained_workdir):
   if not hasattr(train, 'fewshot'):
-    pytest.skip('mixer_vit.train does not run the few-shot evaluator yet')
+    pytest.skip('mixer_vit.training.train does not run the few-shot evaluator yet')
   rows = metrics.read_jsonl(os.path.join(trained_workdir, 'metrics.jsonl'))
   logged = [r for r in rows if 'fewshot/digits_5shot' in r]
   assert [r['step'] for r in logged] == [200]

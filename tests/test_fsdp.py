@@ -21,12 +21,12 @@ from test_train import flat
 from test_train import losses
 from test_train import tiny_config
 
-from mixer_vit import memory
 from mixer_vit import models
-from mixer_vit import parallel
-from mixer_vit import params_io
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.models import params_io
+from mixer_vit.runtime import parallel
+from mixer_vit.training import memory
+from mixer_vit.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 P = jax.sharding.PartitionSpec

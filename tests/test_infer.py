@@ -12,7 +12,7 @@ import tensorflow as tf
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import models
-from mixer_vit import params_io
+from mixer_vit.models import params_io
 
 import param_trees
 

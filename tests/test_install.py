@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from mixer_vit import install
+from mixer_vit.runtime import install
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from mixer_vit import models
-from mixer_vit import params_io
 from mixer_vit.models import common
+from mixer_vit.models import params_io
 from mixer_vit.models import precision
 from mixer_vit.models import resnet
 from mixer_vit.models import vit

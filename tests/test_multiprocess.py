@@ -25,14 +25,14 @@ import time
 import numpy as np
 import pytest
 
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import metrics
-from mixer_vit import parallel
-from mixer_vit import params_io
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.data import pipeline
+from mixer_vit.models import params_io
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
+from mixer_vit.training import metrics
+from mixer_vit.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2

@@ -6,11 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from mixer_vit import config_utils
 from mixer_vit import models
-from mixer_vit import optim
-from mixer_vit import parallel
-from mixer_vit import steps
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
+from mixer_vit.training import optim
+from mixer_vit.training import steps
 
 from param_trees import random_params
 from param_trees import tiny_vit_training

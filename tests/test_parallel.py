@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixer_vit import parallel
+from mixer_vit.runtime import parallel
 
 
 def test_eight_fake_devices():

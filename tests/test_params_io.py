@@ -1,4 +1,4 @@
-"""Tests of the .npz parameter files and the tree helpers (mixer_vit.params_io)."""
+"""Tests of the .npz parameter files and the tree helpers (mixer_vit.models.params_io)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mixer_vit import models
-from mixer_vit import params_io
+from mixer_vit.models import params_io
 
 import param_trees
 

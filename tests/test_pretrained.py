@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage
 
 from mixer_vit import models
-from mixer_vit import params_io
+from mixer_vit.models import params_io
 from mixer_vit.models import vit
 
 import param_trees

@@ -27,12 +27,12 @@ from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autou
 from test_train import flat
 from test_train import tiny_config
 
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import metrics
-from mixer_vit import params_io
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.models import params_io
+from mixer_vit.training import config_utils
+from mixer_vit.training import metrics
+from mixer_vit.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """Workdirs on URLs (``gs://`` in production), tested on TensorFlow's in-memory ``ram://`` store.
 
-Every workdir file but the Orbax checkpoints goes through ``mixer_vit.paths``; here a short digits
+Every workdir file but the Orbax checkpoints goes through ``mixer_vit.runtime.paths``; here a short digits
 run with its workdir on ``ram://`` writes them, resumes after a simulated crash (its metrics and
 TensorBoard events rewritten on the store) and is read back by ``load_workdir``, ``infer`` and
 ``evaluate``. The lease that replaces the ``fcntl`` lock on such stores refuses a second writer and
@@ -32,11 +32,11 @@ from test_train import tiny_config
 
 from mixer_vit import evaluate
 from mixer_vit import infer
-from mixer_vit import metrics
-from mixer_vit import params_io
-from mixer_vit import paths
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.models import params_io
+from mixer_vit.runtime import paths
+from mixer_vit.training import metrics
+from mixer_vit.training import train
 from mixer_vit.workdir import checkpoints as workdir_checkpoints
 from mixer_vit.workdir import files as workdir_files
 from mixer_vit.workdir import locks as workdir_locks

@@ -1,7 +1,7 @@
 """The run set-up, written once: settings read from the config once, the state's layout, the steps.
 
 The trainer, ``memory`` and ``benchmark`` build their model, optimiser, state and shardings with
-``mixer_vit.run_setup``; this checks what it builds and that none of the three builds it again.
+``mixer_vit.training.run_setup``; this checks what it builds and that none of the three builds it again.
 """
 
 import ast
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from test_train import tiny_config
 
-from mixer_vit import optim
-from mixer_vit import parallel
-from mixer_vit import run_setup
-from mixer_vit import steps
+from mixer_vit.runtime import parallel
+from mixer_vit.training import optim
+from mixer_vit.training import run_setup
+from mixer_vit.training import steps
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,54 +11,67 @@ import re
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'mixer_vit'
-TOOLS = (
+# The top level holds the commands (``python -m mixer_vit.NAME``) and the pieces they share
+# (``cli``); the library lives in the packages below it.
+COMMANDS = (
+  'mixer_vit.main',
   'mixer_vit.infer',
   'mixer_vit.evaluate',
   'mixer_vit.attention',
   'mixer_vit.benchmark',
   'mixer_vit.benchmark_vs_original',
-  'mixer_vit.checkpoints',
+  'mixer_vit.pick_augreg',
   'mixer_vit.export',
   'mixer_vit.plot',
 )
-# Modules that may only import what is listed beside them (within mixer_vit).
+TOOLS = tuple(c for c in COMMANDS if c != 'mixer_vit.main') + ('mixer_vit.analysis',)
+LIBRARY = (
+  'mixer_vit.runtime',
+  'mixer_vit.models',
+  'mixer_vit.data',
+  'mixer_vit.training',
+  'mixer_vit.workdir',
+)
+# Modules (or packages) that may only import what is listed beside them (within mixer_vit),
+# from the bottom up.
 LOWER_LAYERS = {
-  'mixer_vit.models': (
+  'mixer_vit.runtime': ('mixer_vit.runtime.env', 'mixer_vit.runtime.paths'),
+  'mixer_vit.runtime.env': (),
+  'mixer_vit.runtime.paths': (),
+  'mixer_vit.runtime.sizes': (),
+  'mixer_vit.runtime.install': (),
+  'mixer_vit.models': ('mixer_vit.models', 'mixer_vit.runtime'),
+  'mixer_vit.data': ('mixer_vit.data', 'mixer_vit.runtime'),
+  'mixer_vit.training.config_utils': (),
+  'mixer_vit.training.losses': (),
+  'mixer_vit.training.optim': (),
+  'mixer_vit.training.steps': (
     'mixer_vit.models',
-    'mixer_vit.params_io',
-    'mixer_vit.sizes',
-    'mixer_vit.env',
+    'mixer_vit.runtime',
+    'mixer_vit.training.losses',
   ),
-  'mixer_vit.data': ('mixer_vit.data', 'mixer_vit.parallel', 'mixer_vit.sizes', 'mixer_vit.env'),
-  'mixer_vit.params_io': ('mixer_vit.paths',),
-  'mixer_vit.paths': (),
-  'mixer_vit.install': (),
-  'mixer_vit.config_utils': (),
-  'mixer_vit.parallel': ('mixer_vit.env',),
-  'mixer_vit.env': (),
-  'mixer_vit.tcmalloc': ('mixer_vit.env',),
-  'mixer_vit.sizes': (),
-  'mixer_vit.losses': (),
-  'mixer_vit.optim': (),
-  'mixer_vit.fewshot': (
+  'mixer_vit.training.run_setup': (
+    'mixer_vit.runtime',
+    'mixer_vit.training.optim',
+    'mixer_vit.training.steps',
+  ),
+  'mixer_vit.training.fewshot': ('mixer_vit.data', 'mixer_vit.models', 'mixer_vit.runtime'),
+  'mixer_vit.training': (
     'mixer_vit.data',
-    'mixer_vit.env',
     'mixer_vit.models',
-    'mixer_vit.parallel',
-    'mixer_vit.params_io',
-    'mixer_vit.sizes',
+    'mixer_vit.runtime',
+    'mixer_vit.training',
+    'mixer_vit.workdir',
   ),
-  'mixer_vit.steps': (
+  'mixer_vit.workdir': (
+    'mixer_vit.data',
     'mixer_vit.models',
-    'mixer_vit.losses',
-    'mixer_vit.parallel',
-    'mixer_vit.env',
-  ),
-  'mixer_vit.run_setup': (
-    'mixer_vit.optim',
-    'mixer_vit.parallel',
-    'mixer_vit.steps',
-    'mixer_vit.env',
+    'mixer_vit.runtime',
+    'mixer_vit.training.config_utils',
+    'mixer_vit.training.optim',
+    'mixer_vit.training.steps',
+    'mixer_vit.training.losses',
+    'mixer_vit.workdir',
   ),
 }
 
@@ -75,7 +88,9 @@ def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      names = [f'{node.module}.{a.name}' for a in node.names] + [node.module]
+      names = [f'{node.module}.{a.name}' for a in node.names]
+      if not any(n in modules for n in names):  # Names defined in the module, not submodules.
+        names = [node.module]
     else:
       continue
     for name in names:
@@ -132,7 +147,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_the_import_graph_reads_the_package():
-  assert 'mixer_vit.steps' in GRAPH['mixer_vit.train']
+  assert 'mixer_vit.training.steps' in GRAPH['mixer_vit.training.train']
   assert 'mixer_vit.data.preprocess' in GRAPH['mixer_vit.data.pipeline']
 
 
@@ -152,11 +167,26 @@ def test_lower_layers_import_nothing_above_them(layer):
 
 @pytest.mark.parametrize('tool', TOOLS)
 def test_tools_do_not_import_the_training_loop(tool):
-  assert 'mixer_vit.train' not in GRAPH[tool]
+  assert 'mixer_vit.training.train' not in GRAPH[tool]
 
 
 def test_the_training_loop_stays_a_loop():
-  assert len((PACKAGE / 'train.py').read_text().splitlines()) <= 350
+  assert len((PACKAGE / 'training' / 'train.py').read_text().splitlines()) <= 350
+
+
+def test_the_top_level_holds_the_commands_and_packages_the_library():
+  top = {_module_name(p) for p in PACKAGE.glob('*.py')} - {'mixer_vit', 'mixer_vit.cli'}
+  assert top == set(COMMANDS)
+  for command in COMMANDS:
+    source = (PACKAGE / f'{command.rpartition(".")[2]}.py').read_text()
+    assert "if __name__ == '__main__':" in source, command
+  packages = {f'mixer_vit.{p.parent.name}' for p in PACKAGE.glob('*/__init__.py')}
+  assert packages == set(LIBRARY) | {'mixer_vit.analysis'}
+  assert (PACKAGE / 'analysis' / '__main__.py').exists()
+  # Library modules run nothing: no command hides among them.
+  for path in PACKAGE.glob('*/*.py'):
+    if path.parent.name in ('runtime', 'training', 'workdir', 'models'):
+      assert "if __name__ == '__main__':" not in path.read_text(), path
 
 
 def test_workdir_file_names_are_defined_once():

@@ -11,12 +11,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mixer_vit import config_utils
-from mixer_vit import metrics
-from mixer_vit import parallel
-from mixer_vit import params_io
-from mixer_vit import train
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.models import params_io
+from mixer_vit.runtime import parallel
+from mixer_vit.training import config_utils
+from mixer_vit.training import metrics
+from mixer_vit.training import train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import time
 
-from mixer_vit import metrics
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.training import metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -27,8 +27,8 @@ from mixer_vit import data
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import models
-from mixer_vit import parallel
-from mixer_vit import params_io
+from mixer_vit.models import params_io
+from mixer_vit.runtime import parallel
 
 
 @dataclasses.dataclass

@@ -26,8 +26,8 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_vit import parallel
 from mixer_vit.analysis import common
+from mixer_vit.runtime import parallel
 
 Vector = jax.Array
 HVP = Callable[[Vector], Vector]

@@ -27,13 +27,13 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from mixer_vit import parallel
 from mixer_vit.data import base
 from mixer_vit.data import folder
 from mixer_vit.data import mix
 from mixer_vit.data import preprocess
 from mixer_vit.data import sources
 from mixer_vit.data.folder import CorruptImageError
+from mixer_vit.runtime import parallel
 
 RNG_SALT = 0xA06A1E
 

@@ -54,10 +54,10 @@ from typing import Any
 
 import tensorflow as tf
 
-from mixer_vit import sizes
 from mixer_vit.data import base
 from mixer_vit.data import images
 from mixer_vit.data import randaug as randaug_lib
+from mixer_vit.runtime import sizes
 
 Example = dict[str, Any]
 OpFn = Callable[[Example], Example]

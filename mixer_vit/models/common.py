@@ -2,7 +2,7 @@
 
 The layer stack runs either as a Python loop (one parameter subtree per layer, named `<name>_<i>`
 as in the released checkpoints) or as one `nn.scan` over stacked parameters (subtree `<name>` with
-a leading layer axis), which compiles deep models much faster. `mixer_vit.params_io` converts
+a leading layer axis), which compiles deep models much faster. `mixer_vit.models.params_io` converts
 between the two.
 
 Intermediate outputs are sown into the 'intermediates' collection (flax `Module.sow`) and only
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_vit import params_io
+from mixer_vit.models import params_io
 from mixer_vit.models import precision
 
 Dtype = Any

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixer_vit import sizes
 from mixer_vit.models import resnet
+from mixer_vit.runtime import sizes
 
 
 def token_grid(config: Any, image_size: Any = None) -> tuple[int, int]:

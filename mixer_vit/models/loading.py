@@ -19,8 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixer_vit import params_io
 from mixer_vit.models import geometry
+from mixer_vit.models import params_io
 from mixer_vit.models import registry
 
 Params = dict[str, Any]

@@ -21,10 +21,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mixer_vit import params_io
-from mixer_vit import sizes
 from mixer_vit.models import common
+from mixer_vit.models import params_io
 from mixer_vit.models import precision
+from mixer_vit.runtime import sizes
 
 Dtype = Any
 

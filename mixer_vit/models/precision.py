@@ -24,7 +24,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_vit import env
+from mixer_vit.runtime import env
 
 # The configs' `precision` argument (configs/pretrain.py, configs/augreg.py): what it sets.
 PRECISIONS = {

@@ -28,7 +28,6 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from mixer_vit import sizes
 from mixer_vit.models import alternet
 from mixer_vit.models import augreg
 from mixer_vit.models import common
@@ -36,6 +35,7 @@ from mixer_vit.models import mixer
 from mixer_vit.models import precision
 from mixer_vit.models import resnet
 from mixer_vit.models import vit
+from mixer_vit.runtime import sizes
 
 # Model family -> its module file (`Model`, and the checkpoint steps models.load_pretrained uses).
 FAMILIES = {'vit': vit, 'mixer': mixer, 'resnet': resnet, 'alternet': alternet}

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixer_vit import params_io
-from mixer_vit import sizes
 from mixer_vit.models import common
 from mixer_vit.models import geometry
+from mixer_vit.models import params_io
 from mixer_vit.models import precision
 from mixer_vit.models import resnet
+from mixer_vit.runtime import sizes
 
 Dtype = Any
 

@@ -17,7 +17,7 @@
                            JSON with a creation id, time, host and PID
 
 WORKDIR may be a local path or a URL (``gs://bucket/run``, ``ram://run``): every file above except
-the Orbax checkpoints is read and written through ``mixer_vit.paths``; Orbax gets the same URL.
+the Orbax checkpoints is read and written through ``mixer_vit.runtime.paths``; Orbax gets the same URL.
 
 Train-state checkpoints are written every ``checkpoint_every`` steps and at the end, the last
 ``keep_checkpoints`` kept, asynchronously while training goes on. Every process calls the

@@ -11,8 +11,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mixer_vit import paths
-from mixer_vit import steps
+from mixer_vit.runtime import paths
+from mixer_vit.training import steps
 from mixer_vit.workdir import files
 from mixer_vit.workdir.files import CORRUPT_SUFFIX
 from mixer_vit.workdir.files import CheckpointRestoreError

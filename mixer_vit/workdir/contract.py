@@ -12,8 +12,8 @@ from typing import Any
 from absl import logging
 import ml_collections
 
-from mixer_vit import config_utils
-from mixer_vit import paths
+from mixer_vit.runtime import paths
+from mixer_vit.training import config_utils
 from mixer_vit.workdir import files
 from mixer_vit.workdir.files import CHECKPOINT_DIR
 from mixer_vit.workdir.files import CONFIG_FILE

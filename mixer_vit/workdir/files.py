@@ -12,10 +12,10 @@ import uuid
 from absl import logging
 import ml_collections
 
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import params_io
-from mixer_vit import paths
+from mixer_vit.models import params_io
+from mixer_vit.runtime import paths
+from mixer_vit.training import config_utils
 
 CONFIG_FILE = 'config.json'
 DATASET_INFO_FILE = 'dataset_info.json'

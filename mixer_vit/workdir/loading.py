@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from mixer_vit import optim
-from mixer_vit import paths
-from mixer_vit import steps
+from mixer_vit.runtime import paths
+from mixer_vit.training import optim
+from mixer_vit.training import steps
 from mixer_vit.workdir import files
 from mixer_vit.workdir.checkpoints import abstract_like
 from mixer_vit.workdir.checkpoints import make_manager

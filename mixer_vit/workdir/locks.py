@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mixer_vit import paths
+from mixer_vit.runtime import paths
 from mixer_vit.workdir.files import LOCK_FILE
 from mixer_vit.workdir.files import WorkdirBusyError
 from mixer_vit.workdir.files import WorkdirError

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from mixer_vit import env
+from mixer_vit.runtime import env
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'

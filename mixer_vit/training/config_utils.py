@@ -1,7 +1,7 @@
 """Training config helpers: the shared defaults, argument parsing and JSON round trips.
 
 Every config file in ``configs/`` starts from ``base_config()`` so all of them have the same keys
-(the ones scripts and ``mixer_vit.train`` rely on) and ``--config.KEY=VALUE`` works for each.
+(the ones scripts and ``mixer_vit.training.train`` rely on) and ``--config.KEY=VALUE`` works for each.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 or None turns it off.
   c.accum_steps = 1  # Micro-batches per step (gradient accumulation inside the jitted step).
   c.loss = 'softmax_xent'  # 'softmax_xent' | 'sigmoid_xent'.
-  # Fine-tuning controls (mixer_vit.optim; all off by default). Patterns are regular expressions
+  # Fine-tuning controls (mixer_vit.training.optim; all off by default). Patterns are regular expressions
   # matched in full against the '/'-joined parameter names of the released checkpoints, e.g.
   # 'head/kernel', 'Transformer/encoderblock_3/MlpBlock_3/Dense_0/bias', 'conv_root/kernel'.
   # Frozen parameters get no update and no weight decay, don't count towards the clipping norm,
@@ -94,14 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Layer-wise learning-rate decay for ViT / Mixer (1: off): with L blocks, block i gets
   # layer_decay ** (L - i), the embedding / stem layer_decay ** (L + 1), head and final norm 1.
   c.layer_decay = 1.0
-  # Exponential moving average of the parameters (mixer_vit.steps), 0: off. Each step
+  # Exponential moving average of the parameters (mixer_vit.training.steps), 0: off. Each step
   # ema <- decay * ema + (1 - decay) * params, from ema = the initial parameters (no warm-up); it
   # averages over about 1 / (1 - decay) steps. Evaluated beside the parameters (test_*_ema),
   # written to params_ema.npz; infer / evaluate --ema use it. Changing it on resume needs
   # allow_config_change (turned on, the EMA starts from the resumed parameters).
   c.ema_decay = 0.0
 
-  # The device mesh (mixer_vit.parallel): (data, fsdp) over every device. The parameters and
+  # The device mesh (mixer_vit.runtime.parallel): (data, fsdp) over every device. The parameters and
   # optimiser state are sharded over `fsdp` devices (FSDP; 1: replicated, pure data parallel),
   # the batch over all. `rules`: ((regex, spec), ...) overriding the layout of the leaves whose
   # '/'-joined path ends with a match, e.g. (('.*/embedding/kernel', (None, None, None, 'fsdp')),)
@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   # config_history.jsonl (mixer_vit.workdir.RESUMABLE_KEYS lists the keys that may always change).
   c.allow_config_change = False
 
-  # Few-shot linear probes of the representation (mixer_vit.fewshot), logged as
+  # Few-shot linear probes of the representation (mixer_vit.training.fewshot), logged as
   # fewshot/<name>_<k>shot every `fewshot_every` steps (0: never).
   c.fewshot_every = 0
   c.fewshot = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ File format: one array per parameter, keys are the tree path joined with '/'
 axis; `save_npz` unstacks them, `stack_layers` stacks them back.
 
 bfloat16 leaves are written as float32 (plain `.npz` has no portable bfloat16).
-Paths: local files or anything `tf.io.gfile` opens (e.g. `gs://...`), through `mixer_vit.paths`.
+Paths: local files or anything `tf.io.gfile` opens (e.g. `gs://...`), through `mixer_vit.runtime.paths`.
 
 Nothing here knows a model: adapting a file to a model (new head, resized position embeddings,
 older layouts) is `mixer_vit.models.load_pretrained` / `load_params`, with each model family's
@@ -26,7 +26,7 @@ import zlib
 import jax
 import numpy as np
 
-from mixer_vit import paths
+from mixer_vit.runtime import paths
 
 Params = dict[str, Any]
 

@@ -3,7 +3,7 @@
 ``make_model`` turns a training config into the flax module; ``make_init_fn`` builds the
 ``TrainState`` (step, parameters, optimiser state); ``make_train_step`` and ``make_eval_step`` are
 the jitted functions the trainer, the evaluation command and the benchmark all run, with explicit
-shardings from ``mixer_vit.parallel`` (batch split over every device; the state replicated, or
+shardings from ``mixer_vit.runtime.parallel`` (batch split over every device; the state replicated, or
 sharded over the mesh's ``fsdp`` axis when ``state_sharding`` says so).
 
 EMA (``config.ema_decay`` = d in (0, 1); 0 / None: off, the default). The state is then an
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mixer_vit import losses
 from mixer_vit import models
-from mixer_vit import parallel
+from mixer_vit.runtime import parallel
+from mixer_vit.training import losses
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 

@@ -21,9 +21,9 @@ import jax
 import ml_collections
 import optax
 
-from mixer_vit import optim
-from mixer_vit import parallel
-from mixer_vit import steps
+from mixer_vit.runtime import parallel
+from mixer_vit.training import optim
+from mixer_vit.training import steps
 
 
 @dataclasses.dataclass(frozen=True)

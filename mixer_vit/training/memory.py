@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mixer_vit import parallel
-from mixer_vit import run_setup
+from mixer_vit.runtime import parallel
+from mixer_vit.training import run_setup
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Picks a released AugReg checkpoint from the release's index.csv (read locally, no network).
 
-  python -m mixer_vit.checkpoints --index=index.csv --model=B/16 [--dataset=imagenet2012] \
+  python -m mixer_vit.pick_augreg --index=index.csv --model=B/16 [--dataset=imagenet2012] \
       [--resolution=384] [--pretrain=i21k] [--top=10] [--json]
 
 Download the index first: `gsutil cp gs://vit_models/augreg/index.csv .` (or
@@ -272,7 +272,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-    prog='python -m mixer_vit.checkpoints',
+    prog='python -m mixer_vit.pick_augreg',
     description=__doc__.split('\n\n')[0].strip(),
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )

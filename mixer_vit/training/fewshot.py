@@ -44,7 +44,7 @@ import numpy as np
 
 from mixer_vit import data
 from mixer_vit import models
-from mixer_vit import parallel
+from mixer_vit.runtime import parallel
 
 LAYERS = ('pre_logits', 'logits', 'encoded', 'blocks/<i>')
 SELECT = ('loo', 'test')

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mixer_vit import env
+from mixer_vit.runtime import env
 
 PATHS = (
   '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4',

@@ -22,8 +22,8 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2
 import tensorflow as tf
 
-from mixer_vit import paths
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.runtime import paths
 
 
 class JsonlWriter(metric_writers.MetricWriter):

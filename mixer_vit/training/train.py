@@ -1,8 +1,8 @@
 """The training loop: pretraining and fine-tuning for every model, data set and device count.
 
 ``train_and_evaluate(config, workdir)`` trains ``config.model_name`` on ``config.dataset`` for
-``config.total_steps`` steps with the jitted steps of ``mixer_vit.steps``, data parallel over a
-device mesh (``mixer_vit.parallel``), and writes the run to ``workdir`` (``mixer_vit.workdir``
+``config.total_steps`` steps with the jitted steps of ``mixer_vit.training.steps``, data parallel over a
+device mesh (``mixer_vit.runtime.parallel``), and writes the run to ``workdir`` (``mixer_vit.workdir``
 lists its files). Restarting with the same workdir resumes from the latest checkpoint at the same
 data position (a checkpoint that cannot be restored is moved aside and the one before used). A
 relaunch whose config changes what is trained is refused, only one run at a time may use a
@@ -26,17 +26,17 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from mixer_vit import config_utils
 from mixer_vit import data
-from mixer_vit import fewshot
-from mixer_vit import metrics
 from mixer_vit import models
-from mixer_vit import parallel
-from mixer_vit import paths
-from mixer_vit import run_setup
-from mixer_vit import steps
-from mixer_vit import stopping
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.runtime import parallel
+from mixer_vit.runtime import paths
+from mixer_vit.training import config_utils
+from mixer_vit.training import fewshot
+from mixer_vit.training import metrics
+from mixer_vit.training import run_setup
+from mixer_vit.training import steps
+from mixer_vit.training import stopping
 
 
 class NonFiniteLossError(FloatingPointError):
