@@ -148,7 +148,8 @@ def test_benchmark_and_memory_import_without_tensorflow():
           raise ImportError('blocked: ' + name)
 
     sys.meta_path.insert(0, Blocked())
-    from mixer_vit import benchmark, memory, run_setup, steps, models  # noqa: F401
+    from mixer_vit import benchmark, models  # noqa: F401
+    from mixer_vit.training import memory, run_setup, steps  # noqa: F401
     assert not any(m == 'tensorflow' or m.startswith('tensorflow.') for m in sys.modules)
     assert benchmark.main(['--model=testing', '--batch=0']) == 2
     print('imported without tensorflow')

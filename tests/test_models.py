@@ -903,7 +903,7 @@ def _sequence_lengths():
   shapes = []
   for name, resolution in _SEQUENCE_MODELS:
     config = models.get_model_config(name, image_size=(resolution, resolution))
-    rows, cols = common.token_grid(config)
+    rows, cols = models.token_grid(config)
     heads = config.transformer.num_heads
     shapes.append((rows * cols + 1, rows * cols + 1, config.hidden_size // heads))
   shapes += [(196, 196, 64), (1, 196, 64)]

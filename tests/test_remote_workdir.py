@@ -107,12 +107,14 @@ def test_files_on_ram_are_written_read_appended_and_moved():
   paths.write_bytes(paths.join(step, 'x'), b'X')
   paths.write_bytes(paths.join(step, 'sub', 'y'), b'Y')
   directory = paths.join(root, 'checkpoints')
-  assert workdir_checkpoints.move_aside(directory, 7) == paths.join(directory, '7.corrupt')
+  assert workdir_checkpoints.move_checkpoint_aside(directory, 7) == paths.join(
+    directory, '7.corrupt'
+  )
   assert paths.listdir(directory) == ['7.corrupt']
   assert files_under(paths.join(directory, '7.corrupt')) == {'x': b'X', 'sub/y': b'Y'}
   paths.makedirs(step)
   paths.write_bytes(paths.join(step, 'x'), b'Z')
-  assert workdir_checkpoints.move_aside(directory, 7).endswith(
+  assert workdir_checkpoints.move_checkpoint_aside(directory, 7).endswith(
     '/7.corrupt.1'
   )  # Nothing overwritten.
   assert sorted(paths.listdir(directory)) == ['7.corrupt', '7.corrupt.1']

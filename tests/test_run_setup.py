@@ -107,8 +107,13 @@ def test_setup_builds_the_state_layout_and_a_step_that_trains():
 def test_train_memory_and_benchmark_use_the_one_set_up():
   """None of the three builds the optimiser, init function or shardings itself, and the batch
   check is only in run_setup."""
-  for name in ('train', 'memory', 'benchmark'):
-    tree = ast.parse((REPO / 'mixer_vit' / f'{name}.py').read_text())
+  sources = {
+    'train': REPO / 'mixer_vit' / 'training' / 'train.py',
+    'memory': REPO / 'mixer_vit' / 'training' / 'memory.py',
+    'benchmark': REPO / 'mixer_vit' / 'benchmark.py',
+  }
+  for name, source in sources.items():
+    tree = ast.parse(source.read_text())
     called = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     built_here = called & {
       'optim.make_optimizer',
@@ -123,7 +128,7 @@ def test_train_memory_and_benchmark_use_the_one_set_up():
     assert not built_here, (name, built_here)
     assert any(c.startswith(('run_setup.', 'plan.build', 'setup.')) for c in called), name
   for name in ('train', 'memory'):
-    assert 'accum_steps (' not in (REPO / 'mixer_vit' / f'{name}.py').read_text()
+    assert 'accum_steps (' not in sources[name].read_text()
 
 
 def test_steps_accept_settings_or_the_config():

@@ -107,7 +107,7 @@ def quiet_closed_loops() -> None:
   sys.unraisablehook = hook
 
 
-def move_aside(directory: str, step: int) -> str:
+def move_checkpoint_aside(directory: str, step: int) -> str:
   """Renames ``<step>`` to ``<step>.corrupt`` (``.corrupt.<n>`` when taken); on an object store a
   copy of every object, then a delete (``paths.move_tree``)."""
   names = set(paths.listdir(directory))
@@ -165,7 +165,7 @@ def restore_newest(
             'Moved the checkpoint of step %d, which cannot be restored, to %s (kept for a '
             'look; delete it when done). Resuming from step %d.',
             bad,
-            move_aside(directory, bad),
+            move_checkpoint_aside(directory, bad),
             step,
           )
       if jax.process_count() > 1:
