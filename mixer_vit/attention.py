@@ -39,6 +39,7 @@ from mixer_vit import cli
 from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit.data import preprocess
+from mixer_vit.runtime import paths
 
 # ----------------------------------------------------------------------------------------------
 # Array maths (numpy or jax arrays in, numpy out).
@@ -235,7 +236,7 @@ def save_overlay_png(path: str, image: np.ndarray, heatmap: np.ndarray, **kwargs
   """Writes ``overlay(image, heatmap)`` as a PNG the size of the image; returns the path."""
   info = PngImagePlugin.PngInfo()
   info.add_text('Software', cli.SOFTWARE)
-  with cli.staged(path) as staged:
+  with paths.staged_path(path) as staged:
     Image.fromarray(overlay(image, heatmap, **kwargs)).save(staged, format='PNG', pnginfo=info)
   return path
 
@@ -279,7 +280,7 @@ def save_figure_png(
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  with cli.staged(path) as staged:
+  with paths.staged_path(path) as staged:
     fig.savefig(staged, format='png', dpi=110, metadata={'Software': cli.SOFTWARE})
   plt.close(fig)
   return path
@@ -315,7 +316,7 @@ def save_summary_png(
       axes[r, 2 * c].set_title(titles[i], fontsize=8)
       axes[r, 2 * c + 1].set_title('rollout', fontsize=8)
   fig.tight_layout(pad=0.3)
-  with cli.staged(path) as staged:
+  with paths.staged_path(path) as staged:
     fig.savefig(staged, format='png', dpi=120, metadata={'Software': cli.SOFTWARE})
   plt.close(fig)
   return path

@@ -15,13 +15,10 @@ path and moved into place when complete, so a failed command leaves the old one 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
-import contextlib
+from collections.abc import Callable
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from typing import NoReturn
 
 from mixer_vit import __version__
@@ -216,20 +213,3 @@ def check_output(
     raise CommandError(
       f'{flag}={path} already exists (an earlier output); pass --overwrite to replace it'
     )
-
-
-@contextlib.contextmanager
-def staged(path: str) -> Iterator[str]:
-  """A temporary path beside ``path`` to write to; moved to ``path`` when the body succeeds
-  (a folder there is replaced whole), removed when it fails. Parent folders are created."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.mixer_vit-', dir=parent)
-  try:
-    target = os.path.join(tmp, os.path.basename(os.path.abspath(path)))
-    yield target
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path)
-    os.replace(target, path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)

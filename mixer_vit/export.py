@@ -60,6 +60,7 @@ from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit.data import preprocess
 from mixer_vit.models import params_io
+from mixer_vit.runtime import paths
 
 FORMATS = ('saved_model', 'onnx')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
@@ -349,7 +350,7 @@ def export_saved_model(
   }
   info = exportable.info('saved_model', _check_top_k(top_k, exportable.classifier.num_classes))
   info['platforms'] = list(platforms or [jax.default_backend()])
-  with cli.staged(out) as staged:
+  with paths.staged_path(out) as staged:
     tf.saved_model.save(module, staged, signatures=signatures)
     os.makedirs(os.path.join(staged, os.path.dirname(INFO_FILE)), exist_ok=True)
     with open(os.path.join(staged, INFO_FILE), 'w', encoding='utf-8') as f:
@@ -457,7 +458,7 @@ def export_onnx(exportable: Exportable, out: str, *, overwrite: bool = False) ->
       f'{data_out} (where the weights of --out={out} go) exists and is not part of an earlier '
       'export there; move it away or choose another --out'
     )
-  with cli.staged(out) as target:
+  with paths.staged_path(out) as target:
     if external:
       onnx.save_model(
         proto, target, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name

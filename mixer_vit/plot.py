@@ -97,7 +97,7 @@ def plot(
     if drawn and (len(runs) > 1 or any(s for _, _, s in lines)):
       ax.legend(fontsize=8)
   fig.tight_layout()
-  with cli.staged(out) as staged:
+  with paths.staged_path(out) as staged:
     fig.savefig(staged, format='png', dpi=100, metadata={'Software': cli.SOFTWARE})
   plt.close(fig)
   return out

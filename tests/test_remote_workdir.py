@@ -79,7 +79,7 @@ def test_urls_keep_their_scheme_and_local_paths_behave_as_before(tmp_path, monke
   assert workdir_lib.checkpoint_dir('rel/run') == os.path.join(
     os.path.abspath('rel/run'), 'checkpoints'
   )
-  # A local write goes through a temporary file renamed over the target (the name it is given).
+  # A local write goes through a temporary file beside the target, renamed over it.
   paths.makedirs(local)
   target = os.path.join(local, 'config.json')
   paths.write_text(target, 'old')
@@ -87,7 +87,10 @@ def test_urls_keep_their_scheme_and_local_paths_behave_as_before(tmp_path, monke
   real_replace = os.replace
   monkeypatch.setattr(os, 'replace', lambda a, b: (seen.append((a, b)), real_replace(a, b)))
   workdir_lib.write_json(target, {'a': 1})
-  assert seen == [(target + '.tmp', target)] and json.loads(paths.read_text(target)) == {'a': 1}
+  assert [b for _, b in seen] == [target] and json.loads(paths.read_text(target)) == {'a': 1}
+  assert os.path.dirname(os.path.dirname(seen[0][0])) == local and os.listdir(local) == [
+    'config.json'
+  ]
 
 
 def test_files_on_ram_are_written_read_appended_and_moved():

@@ -29,6 +29,7 @@ from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit.models import params_io
 from mixer_vit.runtime import parallel
+from mixer_vit.runtime import paths
 
 
 @dataclasses.dataclass
@@ -249,10 +250,10 @@ def write_outputs(out: str, figure: Any, result: dict[str, Any]) -> tuple[str, s
   complete or not at all."""
   from matplotlib import pyplot as plt  # noqa: PLC0415  # Imported by `figure` already.
 
-  with cli.staged(out) as staged:
+  with paths.staged_path(out) as staged:
     figure.savefig(staged, format='png', dpi=120, metadata={'Software': cli.SOFTWARE})
   plt.close(figure)
-  with cli.staged(json_path(out)) as staged:
+  with paths.staged_path(json_path(out)) as staged:
     with open(staged, 'w', encoding='utf-8') as f:
       f.write(json.dumps({'software': cli.SOFTWARE, **result}, indent=1) + '\n')
   return out, json_path(out)

@@ -28,8 +28,9 @@ import errno
 import io
 import os
 import re
+import shutil
+import tempfile
 from typing import BinaryIO
-import uuid
 
 
 def is_remote(path: str) -> bool:
@@ -109,40 +110,51 @@ def read_text(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str, tmp: str | None = None) -> Iterator[BinaryIO]:
-  """A binary file whose content replaces ``path`` only once the ``with`` block ends without an
-  error: locally a temporary file (``tmp``, default a unique name beside it) renamed over it; on a
-  URL one object write of what was written (see the module docstring). On an error ``path`` is
-  left as it was and the temporary file removed."""
-  if is_remote(path):
-    buffer = io.BytesIO()
-    yield buffer
-    if path.startswith('ram://') and _gfile().exists(path):
-      # TensorFlow's in-memory store (tests) appends to a file opened with 'wb' (TF 2.21); an
-      # object store's write replaces the object whole.
-      _gfile().remove(path)
-    with _gfile().GFile(path, 'wb') as f:
-      f.write(buffer.getvalue())
-    return
-  tmp = tmp or f'{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+def staged_path(path: str) -> Iterator[str]:
+  """A local temporary path beside ``path`` (in a hidden folder of its own) to write a file or a
+  folder to, by any writer that takes a path; moved to ``path`` when the ``with`` block ends
+  without an error (a folder there is replaced whole), removed otherwise, leaving ``path`` as it
+  was. Parent folders are created."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  scratch = tempfile.mkdtemp(prefix='.mixer_vit-', dir=parent)
   try:
-    with open(tmp, 'wb') as f:
+    target = os.path.join(scratch, os.path.basename(os.path.abspath(path)))
+    yield target
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    os.replace(target, path)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str) -> Iterator[BinaryIO]:
+  """A binary file whose content replaces ``path`` only once the ``with`` block ends without an
+  error: locally through ``staged_path``; on a URL one object write of what was written (see the
+  module docstring). On an error ``path`` is left as it was."""
+  if not is_remote(path):
+    with staged_path(path) as target, open(target, 'wb') as f:
       yield f
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+    return
+  buffer = io.BytesIO()
+  yield buffer
+  if path.startswith('ram://') and _gfile().exists(path):
+    # TensorFlow's in-memory store (tests) appends to a file opened with 'wb' (TF 2.21); an
+    # object store's write replaces the object whole.
+    _gfile().remove(path)
+  with _gfile().GFile(path, 'wb') as f:
+    f.write(buffer.getvalue())
 
 
-def write_bytes(path: str, data: bytes, tmp: str | None = None) -> None:
+def write_bytes(path: str, data: bytes) -> None:
   """Replaces ``path`` with ``data`` atomically where the store allows (``atomic_writer``)."""
-  with atomic_writer(path, tmp) as f:
+  with atomic_writer(path) as f:
     f.write(data)
 
 
-def write_text(path: str, text: str, tmp: str | None = None) -> None:
-  write_bytes(path, text.encode('utf-8'), tmp)
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
 
 
 def open_append(path: str):

@@ -140,9 +140,7 @@ def is_workdir(path: str) -> bool:
 def write_json(path: str, value: Any) -> None:
   """Writes ``value`` (JSON text or a JSON-able value) atomically: locally a temporary file,
   renamed; on an object store one object write (``paths.write_bytes``)."""
-  paths.write_text(
-    path, value if isinstance(value, str) else json.dumps(value, indent=2), path + '.tmp'
-  )
+  paths.write_text(path, value if isinstance(value, str) else json.dumps(value, indent=2))
 
 
 def write_run_files(
