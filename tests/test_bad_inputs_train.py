@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,9 @@ from PIL import Image
 import pytest
 from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autouse fixture)
 from test_train import tiny_config
+from test_train_cli import main_command
+from test_train_cli import signal_a_running_training
+from test_train_cli import subprocess_env
 
 from mixer_vit import data
 from mixer_vit import main
@@ -558,14 +560,6 @@ def test_config_paths_are_one_line(value, culprit, monkeypatch):
 # The command line: a few subprocesses.
 
 
-def _command(*args):
-  return [sys.executable, '-m', 'mixer_vit.main', *args]
-
-
-def _env():
-  return dict(os.environ, PYTHONPATH=str(REPO))
-
-
 @pytest.mark.parametrize(
   'args, culprit',
   [
@@ -575,9 +569,9 @@ def _env():
 )
 def test_command_line_errors_are_one_line(args, culprit, tmp_path):
   out = subprocess.run(
-    _command(*args, f'--workdir={tmp_path / "run"}'),
+    main_command(*args, f'--workdir={tmp_path / "run"}'),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=120,
@@ -590,32 +584,8 @@ def test_command_line_errors_are_one_line(args, culprit, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
   workdir = tmp_path / 'run'
-  process = subprocess.Popen(
-    _command(
-      '--config=configs/digits.py',
-      f'--workdir={workdir}',
-      '--config.total_steps=100000',
-      '--config.log_every=1',
-      '--config.checkpoint_every=100000',
-      '--config.model.hidden_size=16',
-      '--config.batch_size=16',
-    ),
-    cwd=REPO,
-    env=_env(),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-  jsonl = workdir / workdir_lib.METRICS_FILE
-  deadline = time.time() + 180
-  while time.time() < deadline and process.poll() is None:
-    if jsonl.exists() and jsonl.read_text().count('\n') >= 2:  # Training runs.
-      break
-    time.sleep(0.5)
-  assert process.poll() is None, process.communicate()[0][-3000:]
-  process.send_signal(signal.SIGINT)
-  output, _ = process.communicate(timeout=120)
-  assert process.returncode == stopping.CTRL_C_EXIT_STATUS, output[-3000:]
+  returncode, output, jsonl = signal_a_running_training(workdir, signal.SIGINT)
+  assert returncode == stopping.CTRL_C_EXIT_STATUS, output[-3000:]
   assert 'Ctrl-C: saving a checkpoint' in output and 'run the same command again' in output
   assert 'Traceback' not in output and 'KeyboardInterrupt' not in output
   saved = workdir_lib.checkpoint_steps(str(workdir))
@@ -638,7 +608,7 @@ def test_a_second_ctrl_c_exits_at_once():
   out = subprocess.run(
     [sys.executable, '-c', script],
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=120,

@@ -13,20 +13,20 @@ from mixer_vit.training import metrics
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _command(*args):
+def main_command(*args):
   return [sys.executable, '-m', 'mixer_vit.main', *args]
 
 
-def _env():
+def subprocess_env():
   # The test set-up's 8 fake devices, private TFDS_DATA_DIR etc. are inherited.
   return dict(os.environ, PYTHONPATH=str(REPO))
 
 
 def test_help_lists_the_flags():
   out = subprocess.run(
-    _command('--help'),
+    main_command('--help'),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=120,
@@ -40,9 +40,9 @@ def test_help_lists_the_flags():
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):
   out = subprocess.run(
-    _command('--config=configs/digits.py', f'--workdir={tmp_path}', '--config.total_step=3'),
+    main_command('--config=configs/digits.py', f'--workdir={tmp_path}', '--config.total_step=3'),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=120,
@@ -53,10 +53,11 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-  workdir = tmp_path / 'run'
+def signal_a_running_training(workdir, signum) -> tuple[int, str, pathlib.Path]:
+  """Starts a long digits run in ``workdir``, sends ``signum`` once it has logged two steps and
+  returns its exit status, its output and its metrics.jsonl."""
   process = subprocess.Popen(
-    _command(
+    main_command(
       '--config=configs/digits.py',
       f'--workdir={workdir}',
       '--config.total_steps=100000',
@@ -66,21 +67,27 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
       '--config.batch_size=16',
     ),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
   )
-  jsonl = workdir / 'metrics.jsonl'
+  jsonl = workdir / workdir_lib.METRICS_FILE
   deadline = time.time() + 180
   while time.time() < deadline and process.poll() is None:
     if jsonl.exists() and jsonl.read_text().count('\n') >= 2:  # Training runs.
       break
     time.sleep(0.5)
   assert process.poll() is None, process.communicate()[0][-3000:]
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   output, _ = process.communicate(timeout=120)
-  assert process.returncode == 0, output[-3000:]
+  return process.returncode, output, jsonl
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / 'run'
+  returncode, output, jsonl = signal_a_running_training(workdir, signal.SIGTERM)
+  assert returncode == 0, output[-3000:]
   assert 'Stopped after step' in output
   steps = workdir_lib.make_manager(str(workdir), None, read_only=True).all_steps()
   last_logged = metrics.read_jsonl(str(jsonl))[-1]['step']
@@ -91,9 +98,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_a_missing_config_file_is_one_line_at_once(tmp_path):
   started = time.monotonic()
   out = subprocess.run(
-    _command('--config=configs/nope.py:vit', f'--workdir={tmp_path / "run"}'),
+    main_command('--config=configs/nope.py:vit', f'--workdir={tmp_path / "run"}'),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=120,
@@ -111,11 +118,11 @@ def test_a_missing_config_file_is_one_line_at_once(tmp_path):
 
 def test_errors_are_one_message_and_leave_no_workdir(tmp_path):
   out = subprocess.run(
-    _command(
+    main_command(
       '--config=configs/digits.py', f'--workdir={tmp_path / "run"}', '--config.model_name=ViT-X'
     ),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=300,
@@ -131,9 +138,11 @@ def test_any_model_key_is_settable_and_unknown_ones_are_named(tmp_path):
   no remat and no stochastic_depth); a typo is one line with the closest key."""
   common = ['--config=configs/digits.py:vit', f'--workdir={tmp_path / "run"}', '--dry_run']
   out = subprocess.run(
-    _command(*common, '--config.model.remat=True', '--config.model.transformer.num_layers', '1'),
+    main_command(
+      *common, '--config.model.remat=True', '--config.model.transformer.num_layers', '1'
+    ),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=300,
@@ -142,9 +151,9 @@ def test_any_model_key_is_settable_and_unknown_ones_are_named(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'temporaries' in out.stdout
   out = subprocess.run(
-    _command(*common, '--config.model.hiden_size=32'),
+    main_command(*common, '--config.model.hiden_size=32'),
     cwd=REPO,
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     text=True,
     timeout=300,

@@ -269,6 +269,25 @@ KIND_STYLE = {
 }
 
 
+def plot_by_depth(ax, rows: list[dict[str, Any]], key: str) -> None:
+  """``row[key]`` against normalised depth: a grey line through all blocks, each block kind
+  marked in its ``KIND_STYLE``, with a legend."""
+  ax.plot([r['depth'] for r in rows], [r[key] for r in rows], color='0.6', zorder=1)
+  for kind, (colour, marker) in KIND_STYLE.items():
+    these = [r for r in rows if r['kind'] == kind]
+    if these:
+      ax.scatter(
+        [r['depth'] for r in these],
+        [r[key] for r in these],
+        color=colour,
+        marker=marker,
+        label=kind,
+        zorder=2,
+      )
+  ax.set_xlabel('normalised depth')
+  ax.legend()
+
+
 def figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
   """A new figure with `ncols` axes side by side (pyplot imported only when drawing)."""
   import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.

@@ -114,21 +114,8 @@ def _summary(blocks: list[dict[str, Any]]) -> dict[str, Any]:
 def plot(result: dict[str, Any]):
   fig, (left, right) = common.figure(2)
   rows = [r for r in result['blocks'] if r['high_frequency'] is not None]
-  left.plot([r['depth'] for r in rows], [r['high_frequency'] for r in rows], color='0.6', zorder=1)
-  for kind, (colour, marker) in common.KIND_STYLE.items():
-    these = [r for r in rows if r['kind'] == kind]
-    if these:
-      left.scatter(
-        [r['depth'] for r in these],
-        [r['high_frequency'] for r in these],
-        color=colour,
-        marker=marker,
-        label=kind,
-        zorder=2,
-      )
-  left.set_xlabel('normalised depth')
+  common.plot_by_depth(left, rows, 'high_frequency')
   left.set_ylabel('Δ log amplitude at π (vs frequency 0)')
-  left.legend()
   from matplotlib import colormaps  # noqa: PLC0415  # Imported by common.figure already.
 
   cmap = colormaps['plasma']

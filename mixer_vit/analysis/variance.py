@@ -71,22 +71,9 @@ def analyse(subject: common.Subject, *, batch_size: int = 64, mesh: Any = None) 
 def plot(result: dict[str, Any]):
   fig, (ax,) = common.figure(1)
   rows = result['blocks']
-  ax.plot([r['depth'] for r in rows], [r['variance'] for r in rows], color='0.6', zorder=1)
-  for kind, (colour, marker) in common.KIND_STYLE.items():
-    these = [r for r in rows if r['kind'] == kind]
-    if these:
-      ax.scatter(
-        [r['depth'] for r in these],
-        [r['variance'] for r in these],
-        color=colour,
-        marker=marker,
-        label=kind,
-        zorder=2,
-      )
+  common.plot_by_depth(ax, rows, 'variance')
   ax.set_yscale('log')
-  ax.set_xlabel('normalised depth')
   ax.set_ylabel('feature-map variance')
-  ax.legend()
   ax.set_title(common.title(result), fontsize=9)
   fig.tight_layout()
   return fig

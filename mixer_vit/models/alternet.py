@@ -65,13 +65,8 @@ class MSAUnit(nn.Module):
       matmul_dtype=self.matmul_dtype,
       name=name,
     )
-    gn = lambda name, **kw: nn.GroupNorm(  # noqa: E731
-      num_groups=self.num_groups,
-      epsilon=1e-6,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-      **kw,
+    gn = lambda name, **kw: resnet.group_norm(  # noqa: E731
+      name, self.dtype, self.param_dtype, self.num_groups, **kw
     )
     n, h, w, c = x.shape
     y = nn.relu(gn('gn1')(conv(self.features, 'conv1')(x)))

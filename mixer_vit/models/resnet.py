@@ -75,7 +75,8 @@ class StdConv(nn.Module):
     )
 
 
-def _group_norm(name, dtype, param_dtype, num_groups, **kw):
+def group_norm(name, dtype, param_dtype, num_groups, **kw):
+  """The BiT units' GroupNorm (epsilon 1e-6), shared by ResNet and AlterNet units."""
   return nn.GroupNorm(
     num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name, **kw
   )
@@ -102,7 +103,7 @@ class ResidualUnit(nn.Module):
       matmul_dtype=self.matmul_dtype,
       name=name,
     )
-    gn = lambda name, **kw: _group_norm(  # noqa: E731
+    gn = lambda name, **kw: group_norm(  # noqa: E731
       name, self.dtype, self.param_dtype, self.num_groups, **kw
     )
 
@@ -182,7 +183,7 @@ def root_block(
     matmul_dtype=matmul_dtype,
     name='conv_root',
   )(x)
-  x = nn.relu(_group_norm('gn_root', dtype, param_dtype, num_groups)(x))
+  x = nn.relu(group_norm('gn_root', dtype, param_dtype, num_groups)(x))
   if pool:
     x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   return x, width

@@ -47,13 +47,12 @@ class NonFiniteLossError(FloatingPointError):
 # The loop.
 
 
-def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """What can be checked before the data is read or anything written."""
+def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> run_setup.RunPlan:
+  """What can be checked before the data is read or anything written; returns the run's plan
+  (settings, mesh and batch checked, schedule and optimiser)."""
   config_utils.check_positive(config)  # Steps, batch and model sizes: the key named.
   steps.make_model(config, num_classes=1)  # The model name and keys.
-  settings = run_setup.RunSettings.from_config(config)  # EMA, loss, accum_steps, mesh.
-  parallel.check_mesh(settings.mesh, mesh)
-  settings.check_batch(mesh.size)
+  plan = run_setup.RunPlan.from_config(config, mesh)  # EMA, loss, accum_steps, mesh, batch.
   data.DataConfig.from_config(config)
   for key in ('pp_train', 'pp_test'):
     try:
@@ -63,6 +62,7 @@ def _check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   for key in ('log_every', 'eval_every', 'checkpoint_every'):
     if config[key] <= 0:
       raise ValueError(f'{key} must be positive (got {config[key]}).')
+  return plan
 
 
 @dataclasses.dataclass
@@ -156,10 +156,9 @@ def train_and_evaluate(
     workdir.CheckpointRestoreError: no checkpoint of the workdir can be restored.
   """
   mesh = mesh or parallel.mesh_from_config(config)
-  _check_config(config, mesh)
+  plan = _check_config(config, mesh)  # Settings, schedule and optimiser.
   primary = jax.process_index() == 0
   total = config.total_steps
-  plan = run_setup.RunPlan.from_config(config, mesh)  # Settings, schedule and optimiser.
   # Refused relaunches and bad settings end here, with the workdir as it was.
   workdir_lib.check_ownership(workdir)  # A folder of other files is refused, untouched.
   workdir_lib.check_config_change(workdir, config)
