@@ -71,3 +71,12 @@ def get_config(arg=None):
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   return c
+
+
+def for_model(model_name, arg=None):
+  """This recipe with the registry model ``model_name`` as it is registered (the ResNet, AlterNet,
+  ViT and Mixer comparisons of configs/cifar10_*.py); the caller may then set ``c.model`` keys."""
+  c = get_config(arg)
+  c.model_name = model_name
+  c.model = config_utils.base_config().model
+  return c

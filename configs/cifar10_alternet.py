@@ -19,7 +19,5 @@ from mixer_vit.training import config_utils
 
 def get_config(arg=None):
   """``arg``: ``epochs=N`` (default 35, as configs/cifar10.py)."""
-  resnet = config_utils.load_config_module(
-    os.path.join(os.path.dirname(__file__), 'cifar10_resnet.py')
-  )
-  return resnet.convnet_config('AlterNet-S', arg)
+  recipe = config_utils.load_config_module(os.path.join(os.path.dirname(__file__), 'cifar10.py'))
+  return recipe.for_model('AlterNet-S', arg)

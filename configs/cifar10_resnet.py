@@ -19,13 +19,5 @@ from mixer_vit.training import config_utils
 
 def get_config(arg=None):
   """``arg``: ``epochs=N`` (default 35, as configs/cifar10.py)."""
-  return convnet_config('ResNet-S', arg)
-
-
-def convnet_config(model_name, arg=None):
-  """configs/cifar10.py's recipe with the registry's ``model_name`` (a ResNet or AlterNet)."""
   recipe = config_utils.load_config_module(os.path.join(os.path.dirname(__file__), 'cifar10.py'))
-  c = recipe.get_config(arg)
-  c.model_name = model_name
-  c.model = config_utils.base_config().model  # The registry entry as it is.
-  return c
+  return recipe.for_model('ResNet-S', arg)

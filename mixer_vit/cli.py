@@ -125,13 +125,17 @@ _CHECKPOINT_FLAGS = {
 CHECKPOINT_FLAGS = tuple(_CHECKPOINT_FLAGS)
 
 
-def add_checkpoint_flags(parser: argparse.ArgumentParser, *optional: str) -> None:
+def add_checkpoint_flags(
+  parser: argparse.ArgumentParser, *optional: str, required: bool = True
+) -> None:
   """``--checkpoint`` and ``--model``, and the ``optional`` ones of ``CHECKPOINT_FLAGS`` (by
-  name, e.g. ``'labels', 'resolution'``), as ``infer.load_from_args`` reads them."""
+  name, e.g. ``'labels', 'resolution'``), as ``infer.load_from_args`` reads them. ``required``:
+  whether the parser itself demands ``--checkpoint`` (False when a mode of the command works
+  without one and the command checks it)."""
   unknown = [name for name in optional if name not in _CHECKPOINT_FLAGS]
   if unknown:
     raise ValueError(f'unknown checkpoint flags {unknown}; known: {", ".join(CHECKPOINT_FLAGS)}')
-  parser.add_argument('--checkpoint', required=True, help='training workdir or .npz file')
+  parser.add_argument('--checkpoint', required=required, help='training workdir or .npz file')
   parser.add_argument('--model', help='model name (required for .npz), e.g. ViT-B_16')
   for name in optional:
     _CHECKPOINT_FLAGS[name](parser)

@@ -305,3 +305,63 @@ def test_scanned_mixed_precision_models_are_analysed_unrolled_in_float32():
   logits = np.asarray(module.apply({'params': params}, images))
   np.testing.assert_allclose(logits, model.apply({'params': stacked}, images), rtol=0.05, atol=0.05)
   assert np.abs(logits).max() > 0.5
+
+
+def test_compare_overlays_one_analysis_of_several_runs_and_refuses_mixed_or_foreign_files(
+  digits_workdir, tmp_path, capsys
+):
+  outputs = {}
+  for analysis, extra in (('noise', ['--noise_rms=0.2']), ('variance', [])):
+    for seed in (0, 1):
+      out = str(tmp_path / f'{analysis}{seed}.png')
+      argv = [analysis, f'--checkpoint={digits_workdir}', f'--out={out}', '--examples=32']
+      assert command.main(argv + extra + [f'--seed={seed}']) == 0
+      outputs[analysis, seed] = common.json_path(out)
+  capsys.readouterr()
+  noise_files = [outputs['noise', 0], outputs['noise', 1]]
+  out = str(tmp_path / 'compare.png')
+  assert command.main(['compare', *noise_files, '--labels=first,second', f'--out={out}']) == 0
+  printed = capsys.readouterr().out
+  with open(common.json_path(out)) as f:
+    result = json.load(f)
+  assert result['of'] == 'noise' and result['labels'] == ['first', 'second']
+  with open(noise_files[1]) as f:
+    second = json.load(f)
+  high = [b['drop'] for b in second['bands'] if b['band'] in (7, 8, 9) and b['drop'] is not None]
+  expected_high = float(np.mean(high)) if high else None
+  assert result['summaries'][1]['drop 0.7-1π'] == expected_high
+  assert result['summaries'][1]['clean accuracy'] == second['clean_accuracy']
+  rows = result['table'].splitlines()
+  assert len(rows) == 4 and rows[2].startswith('| first |') and rows[3].startswith('| second |')
+  assert result['table'] in printed
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # Variance summaries: the mean ratio per block kind, as the analysis computed it.
+  out = str(tmp_path / 'compare_variance.png')
+  assert command.main(['compare', outputs['variance', 0], f'--out={out}']) == 0
+  with open(outputs['variance', 0]) as f:
+    ratios = json.load(f)['mean_ratio_by_kind']
+  with open(common.json_path(out)) as f:
+    summary = json.load(f)['summaries'][0]
+  assert summary == {f'variance ratio {kind}': value for kind, value in ratios.items()}
+  capsys.readouterr()
+  # Two analyses, a file the command did not write, a label count that does not match, a
+  # checkpoint given to compare: one line each, nothing written.
+  foreign = tmp_path / 'mine.json'
+  foreign.write_text('{"analysis": "noise"}')
+  refused = tmp_path / 'refused.png'
+  for argv, words in (
+    (['compare', outputs['noise', 0], outputs['variance', 0]], 'different analyses'),
+    (['compare', outputs['noise', 0], str(foreign)], 'mine.json'),
+    (['compare', *noise_files, '--labels=one'], '--labels'),
+  ):
+    assert command.main([*argv, f'--out={refused}']) == 2
+    error = capsys.readouterr().err
+    assert error.count('\n') == 1 and words in error
+    assert not refused.exists()
+  with pytest.raises(SystemExit):
+    command.main(['compare', *noise_files, f'--checkpoint={digits_workdir}', f'--out={refused}'])
+  assert '--checkpoint' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    command.main(['fourier', noise_files[0], f'--checkpoint={digits_workdir}', f'--out={refused}'])
+  assert 'no file arguments' in capsys.readouterr().err

@@ -8,6 +8,8 @@ r"""The "How Do Vision Transformers Work?" analyses of a checkpoint: a picture a
       [--dims=2 --steps=11 --span=1.0]
   python -m mixer_vit.analysis variance --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
       --dataset=cifar10 --pp='decode|resize(224)|value_range(-1,1)|onehot' --out=variance.png
+  python -m mixer_vit.analysis compare vit/fourier.json resnet/fourier.json --labels=ViT,ResNet \
+      --out=fourier_compare.png
 
 Each writes the picture to --out and the numbers beside it (PLOT.png -> PLOT.json); --json also
 prints them. An existing output file is never replaced unless --overwrite is given. The examples
@@ -16,7 +18,8 @@ study the training loss; the test split for the others), preprocessed as the che
 (a workdir's pp_test, without augmentation; for an .npz, --dataset and a resize to its
 resolution, or --pp); the work is split over all devices. The model runs in float32. Every family
 works: ViT, hybrids, Mixer, ResNet, AlterNet. See mixer_vit/analysis/<name>.py for what each
-measures.
+measures. `compare` overlays the JSON outputs of one analysis run on several models and prints
+their key numbers as a Markdown table.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 from mixer_vit import cli
 from mixer_vit.analysis import ANALYSES
 from mixer_vit.analysis import common
+from mixer_vit.analysis import compare
 from mixer_vit.analysis import fourier
 from mixer_vit.analysis import hessian
 from mixer_vit.analysis import landscape
@@ -53,8 +57,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog=__doc__.split('\n\n', 1)[1],
   )
-  parser.add_argument('analysis', choices=ANALYSES)
-  cli.add_checkpoint_flags(parser, 'ema')
+  parser.add_argument('analysis', choices=(*ANALYSES, 'compare'))
+  parser.add_argument(
+    'inputs', nargs='*', metavar='JSON', help='compare: the analysis outputs (PLOT.json) to compare'
+  )
+  cli.add_checkpoint_flags(parser, 'ema', required=False)
   parser.add_argument('--dataset', help="tfds name, 'digits' or an image-folder root")
   parser.add_argument('--data_dir', help='tfds data dir')
   parser.add_argument(
@@ -92,12 +99,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--dims', type=int, default=2, choices=(1, 2), help='landscape: 1-D or 2-D')
   parser.add_argument('--steps', type=int, default=11, help='landscape: grid points per axis')
   parser.add_argument('--span', type=float, default=1.0, help='landscape: grid in [-span, span]')
-  return parser.parse_args(argv)
+  parser.add_argument(
+    '--labels', help='compare: comma-separated names of the models (default: from the files)'
+  )
+  args = parser.parse_args(argv)
+  if args.analysis == 'compare':
+    if not args.inputs:
+      parser.error(
+        'compare needs the JSON files an analysis wrote, e.g. A/fourier.json B/fourier.json'
+      )
+    if args.checkpoint:
+      parser.error('compare reads JSON files, not --checkpoint; drop --checkpoint')
+  else:
+    if args.inputs:
+      parser.error(f'{args.analysis} takes no file arguments ({args.inputs[0]}); use --checkpoint')
+    if not args.checkpoint:
+      parser.error('the following arguments are required: --checkpoint')
+  return args
 
 
 def run(args: argparse.Namespace) -> dict:
   """Loads the checkpoint and runs the analysis; returns its numbers (written with the picture)."""
   common.refuse_existing_outputs(args.out, args.overwrite)
+  if args.analysis == 'compare':
+    labels = args.labels.split(',') if args.labels else None
+    figure, result = compare.compare(args.inputs, labels)
+    common.write_outputs(args.out, figure, result)
+    return result
   subject = common.load_subject(
     args.checkpoint,
     args.model,
@@ -137,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   if args.json:
     print(json.dumps(result))
+  elif args.analysis == 'compare':
+    print(result['table'])
+    print(f'wrote {args.out} and {common.json_path(args.out)}')
   else:
     print(f'wrote {args.out} and {common.json_path(args.out)}')
   return 0
