@@ -209,6 +209,16 @@ def test_fourier_and_variance_run_on_a_convolutional_family():
   assert rows[1]['input_variance'] == pytest.approx(rows[0]['variance'], rel=1e-5)
 
 
+def test_first_takes_a_prefix_of_the_examples_and_keeps_the_model():
+  subject = _subject('vit', examples=8)
+  part = subject.first(3)
+  np.testing.assert_array_equal(part.images, subject.images[:3])
+  np.testing.assert_array_equal(part.labels, subject.labels[:3])
+  assert part.params is subject.params and part.model is subject.model
+  assert part.describe() == {**subject.describe(), 'examples': 3}
+  assert len(subject.labels) == 8  # The subject itself is unchanged.
+
+
 def test_filter_normalised_directions_and_the_landscape_centre_is_the_models_loss():
   subject = _subject('vit', examples=24)
   direction = landscape.filter_normalised_direction(0, subject.params)

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -48,6 +49,10 @@ class Subject:
   @property
   def family(self) -> str:
     return str(self.model_config.family)
+
+  def first(self, count: int) -> Subject:
+    """The same model on only the first `count` examples (one load serves several analyses)."""
+    return dataclasses.replace(self, images=self.images[:count], labels=self.labels[:count])
 
   def describe(self) -> dict[str, Any]:
     return {
@@ -289,10 +294,12 @@ def plot_by_depth(ax, rows: list[dict[str, Any]], key: str) -> None:
 
 
 def figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
-  """A new figure with `ncols` axes side by side (pyplot imported only when drawing)."""
+  """A new figure with `ncols` axes side by side (pyplot imported only when drawing). A command
+  draws off screen (Agg); where pyplot is already in use (a notebook) its backend is kept."""
   import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.
 
-  matplotlib.use('Agg', force=False)
+  if 'matplotlib.pyplot' not in sys.modules:
+    matplotlib.use('Agg', force=False)
   from matplotlib import pyplot as plt  # noqa: PLC0415
 
   fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
