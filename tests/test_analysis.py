@@ -58,6 +58,21 @@ def test_power_iteration_and_lanczos_find_the_eigenvalues_of_a_known_quadratic()
   assert abs(top - 4.0) <= 1e-4 * 4.0 and negative is None
 
 
+def test_the_top_eigenvalue_is_found_when_a_negative_one_dominates_over_a_large_bulk():
+  # A network's spectrum: one large positive and one larger negative eigenvalue over millions
+  # near zero. After the shift by the negative one the bulk sits near the shift, where a
+  # Rayleigh quotient that only has to stop changing settles far below the top.
+  rng = np.random.default_rng(0)
+  diagonal = jnp.asarray(
+    np.concatenate([[-57.0, 44.0], rng.uniform(-1e-3, 1e-3, 2_000_000)]), jnp.float32
+  )
+  top, negative, _ = hessian.top_eigenvalue(
+    lambda v: diagonal * v, diagonal.size, jax.random.key(0), max_iterations=500, tol=1e-4
+  )
+  assert abs(negative + 57.0) <= 1e-3 * 57.0
+  assert abs(top - 44.0) <= 1e-2 * 44.0
+
+
 def test_power_iteration_and_lanczos_match_the_exact_hessian_of_a_tiny_mlp():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)

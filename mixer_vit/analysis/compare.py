@@ -119,7 +119,7 @@ def _cell(value: float | None) -> str:
 def plot(results: list[dict[str, Any]], labels: list[str]):
   """One picture overlaying the results (all of one analysis)."""
   kind = results[0]['analysis']
-  fig, (ax,) = common.figure(1, width=7.0, height=4.5)
+  fig, (ax,) = common.figure(1, width=8.0, height=4.5)
   for result, label in zip(results, labels):
     if kind in ('fourier', 'variance'):
       key = 'high_frequency' if kind == 'fourier' else 'variance'
@@ -157,7 +157,7 @@ def plot(results: list[dict[str, Any]], labels: list[str]):
   if kind == 'hessian':
     ax.set_xscale('symlog')
   ax.set_title(f'{kind}: ' + ', '.join(labels), fontsize=9)
-  models = ax.legend(fontsize=8, loc='best')
+  models = ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0))
   if kind in ('fourier', 'variance'):  # A second legend: the markers of the block kinds.
     present = {r['kind'] for result in results for r in result['blocks']}
     markers = [
@@ -165,7 +165,7 @@ def plot(results: list[dict[str, Any]], labels: list[str]):
       for block_kind, (_, marker) in common.KIND_STYLE.items()
       if block_kind in present
     ]
-    ax.legend(handles=markers, fontsize=8, loc='lower right')
+    ax.legend(handles=markers, fontsize=8, loc='lower left', bbox_to_anchor=(1.01, 0.0))
     ax.add_artist(models)
   fig.tight_layout()
   return fig

@@ -6,8 +6,8 @@ loss (mean softmax cross-entropy, evaluation mode) over all parameters, flattene
 - `power_iteration`: v <- Hv / |Hv| until the Rayleigh quotient v.Hv settles (relative change
   below `tol`); it converges to the eigenvalue of largest magnitude, with its sign.
 - `top_eigenvalue`: the largest (algebraic) eigenvalue: power iteration, and when that finds a
-  negative one, lambda_neg, power iteration again on H - lambda_neg I (whose spectrum is
-  non-negative, with the top lambda_max - lambda_neg); the negative one is reported too.
+  negative one, power iteration again with its eigenvector deflated, until a positive one is
+  found; the first (most negative) one is reported too.
 - `lanczos`: `k` steps of the Lanczos recurrence with full re-orthogonalisation; the eigenvalues
   of the k x k tridiagonal matrix (Ritz values) approximate the extremes of the spectrum, largest
   and most negative alike (k >= the dimension gives them all exactly).
@@ -59,16 +59,44 @@ def power_iteration(
 
 
 def top_eigenvalue(
-  hvp: HVP, dim: int, key: jax.Array, *, max_iterations: int = 200, tol: float = 1e-6
+  hvp: HVP,
+  dim: int,
+  key: jax.Array,
+  *,
+  max_iterations: int = 200,
+  tol: float = 1e-6,
+  max_deflations: int = 8,
 ) -> tuple[float, float | None, int]:
   """(largest eigenvalue, the most negative one when it dominates in magnitude else None,
-  iterations used in all)."""
-  first, _, used = power_iteration(hvp, dim, key, max_iterations=max_iterations, tol=tol)
-  if first >= 0:
-    return first, None, used
-  shifted = lambda v: hvp(v) - first * v  # noqa: E731
-  top, _, more = power_iteration(shifted, dim, key, max_iterations=max_iterations, tol=tol)
-  return top + first, first, used + more
+  iterations used in all).
+
+  When power iteration lands on a negative eigenvalue it is deflated (H restricted to the
+  complement of its eigenvector) and the iteration repeats, up to `max_deflations` times. A shift
+  (H - lambda_neg I) would do in exact arithmetic, but a network's millions of near-zero
+  eigenvalues then sit next to the shift, and the Rayleigh quotient settles there long before the
+  top eigenvalue surfaces."""
+  found: list[np.ndarray] = []
+  negative = None
+  used = 0
+
+  def deflated(v):
+    for u in found:
+      v = v - jnp.vdot(u, v) * u
+    hv = hvp(v)
+    for u in found:
+      hv = hv - jnp.vdot(u, hv) * u
+    return hv
+
+  for _ in range(max_deflations + 1):
+    value, vector, more = power_iteration(
+      deflated, dim, key, max_iterations=max_iterations, tol=tol
+    )
+    used += more
+    if value >= 0:
+      return value, negative, used
+    negative = value if negative is None else negative
+    found.append(jnp.asarray(vector))
+  return value, negative, used
 
 
 def lanczos(hvp: HVP, dim: int, key: jax.Array, num_steps: int) -> np.ndarray:
