@@ -8,8 +8,12 @@ and 3 is a multi-head self-attention unit.
 The model is ``AlterNet-S`` (``models.alternet``): the stages of configs/cifar10_resnet.py's
 ``ResNet-S`` (16x16, 8x8, 4x4; two half-width BiT bottleneck units each) with the second unit of
 stages 2 and 3 an MSA unit, global attention over the 8x8 and 4x4 feature maps with heads of width
-32 (0.77 M parameters). The recipe is configs/cifar10.py's, as for the ResNet and the hybrid. Not
-yet measured on CIFAR-10 (no accuracy claimed here).
+32 (0.77 M parameters). The recipe is configs/cifar10.py's, as for the ResNet and the hybrid.
+
+Measured with ``:epochs=2`` (seed 0; 2-core Intel Xeon, one device, other jobs sharing the CPU;
+2026-12-04): **52.72 %** test accuracy (top-5 94.07 %) in 11m09s of training. The five CIFAR-10
+comparison models side by side, with the paper's analyses: docs/how_do_vits_work.md. The 35-epoch
+default is not measured for this model.
 """
 
 import os
