@@ -1,5 +1,6 @@
 """The Dynamic ViT cascade: stages that are plain ViTs, reuse, FLOPs, early exits, budgets, training."""
 
+import json
 import os
 
 import jax
@@ -11,6 +12,7 @@ from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autou
 from test_train import losses
 from test_train import tiny_config
 
+from mixer_vit import evaluate
 from mixer_vit import models
 from mixer_vit.models import dvt
 from mixer_vit.models import dvt_adaptive
@@ -233,3 +235,24 @@ def test_stage_loss_weights_are_checked(tmp_path):
     train.train_and_evaluate(tiny_config(stage_loss_weights=(1.0,)), str(tmp_path / 'b'))
   with pytest.raises(ValueError, match='not all 0'):
     train.train_and_evaluate(_dvt_config(stage_loss_weights=(0.0, 0.0)), str(tmp_path / 'c'))
+
+
+def test_evaluate_sweeps_and_meets_a_budget_and_other_models_refuse(tmp_path, capsys):
+  workdir = str(tmp_path / 'dvt')
+  train.train_and_evaluate(_dvt_config(total_steps=4), workdir)
+  assert evaluate.main(['--checkpoint', workdir, '--sweep', '--json']) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert len(report['sweep']) == len(evaluate.SWEEP_THRESHOLDS) and len(report['stages']) == 2
+  first, last = report['exit_gflops']
+  assert report['sweep'][0]['mean_flops'] == pytest.approx(first * 1e9)  # Threshold 0.
+  assert report['sweep'][-1]['exit_shares'] == [0.0, 1.0]  # Threshold 1.
+  budget = (first + last) / 2
+  args = ['--checkpoint', workdir, f'--budget={budget}', '--holdout_split=train[-200:]', '--json']
+  assert evaluate.main(args) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report['holdout']['examples'] == 200
+  assert report['holdout']['mean_flops'] <= budget * 1e9
+  vit = str(tmp_path / 'vit')
+  train.train_and_evaluate(tiny_config(total_steps=1, warmup_steps=0), vit)
+  assert evaluate.main(['--checkpoint', vit, '--budget=1']) == 2
+  assert 'early exits need a Dynamic ViT cascade' in capsys.readouterr().err
