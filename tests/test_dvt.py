@@ -7,12 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 from test_train import assert_trees_close
 from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autouse fixture)
 from test_train import losses
 from test_train import tiny_config
 
 from mixer_vit import evaluate
+from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit.models import dvt
 from mixer_vit.models import dvt_adaptive
@@ -256,3 +258,25 @@ def test_evaluate_sweeps_and_meets_a_budget_and_other_models_refuse(tmp_path, ca
   train.train_and_evaluate(tiny_config(total_steps=1, warmup_steps=0), vit)
   assert evaluate.main(['--checkpoint', vit, '--budget=1']) == 2
   assert 'early exits need a Dynamic ViT cascade' in capsys.readouterr().err
+
+
+def test_infer_names_the_stage_each_image_left_at(tmp_path, capsys):
+  workdir = str(tmp_path / 'dvt')
+  train.train_and_evaluate(_dvt_config(total_steps=2, warmup_steps=0), workdir)
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    tf.io.write_file(
+      str(folder / f'{i}.png'), tf.io.encode_png(rng.integers(0, 255, (8, 8, 3), np.uint8))
+    )
+  for thresholds, stage in (('0', 0), ('1', 1)):
+    assert (
+      infer.main(['--checkpoint', workdir, f'--thresholds={thresholds}', '--json', str(folder)])
+      == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in out if line.startswith('{')]
+    assert [r['exit_stage'] for r in rows] == [stage] * 3
+  assert infer.main(['--checkpoint', workdir, '--thresholds=0.5,0.5', str(folder)]) == 2
+  assert 'one per stage but the last' in capsys.readouterr().err
