@@ -4,14 +4,20 @@ to 12, 20 and 28 pixels (3x3, 5x5 and 7x7 tokens of 4x4 pixels), feature and rel
   python -m mixer_vit.data.mnist_idx --idx_dir=DIR_WITH_IDX_FILES --data_dir=~/data/tfds
   python -m mixer_vit.main --config=configs/mnist_dvt.py --config.data_dir=~/data/tfds \
       --workdir=workdirs/mnist_dvt
-  python -m mixer_vit.evaluate --checkpoint=workdirs/mnist_dvt --budget=0.01
+  python -m mixer_vit.evaluate --checkpoint=workdirs/mnist_dvt --budget=0.006 \
+      --holdout_split='train[55000:]'
 
 The training loss is the sum of the three stages' losses. The last 5,000 training images
 (``train[55000:]``) are left out of training: ``evaluate --budget`` chooses its thresholds on them
 (``--holdout_split``). ``:model=vit`` trains the last stage alone (a plain ViT of the same size on
 28x28 digits), the single-model baseline; ``:epochs=N`` sets the length.
 
-RESULTS
+Measured with the second command above (3 epochs, 1,289 steps of 128, the default; seed 0, float32),
+2-core Intel Xeon shared with other jobs, 2026-12-04, one run: 9m02s of training (evaluation and
+checkpoints included); test top-1 95.42 / 96.24 / 96.74 % for stages 0 / 1 / 2 answering every image
+(0.0025 / 0.0104 / 0.0305 GFLOPs per image); with the third command 96.68 % at 0.0057 GFLOPs per
+image (74 % of the images answered by stage 0). ``:model=vit,epochs=5`` (the last stage alone,
+0.0156 GFLOPs per image): 97.71 % in 7m29s. docs/dynamic_vit.md has the table.
 """
 
 from mixer_vit.training import config_utils
