@@ -6,6 +6,17 @@ with ``--fewshot``, the few-shot linear probes of its representation (``mixer_vi
       --dataset=cifar10 --pp='decode|resize(384)|value_range(-1,1)|onehot' [--split=test]
   python -m mixer_vit.evaluate --checkpoint=WORKDIR --fewshot [--fewshot_dataset=digits] \
       [--shots=1,5,10] [--fewshot_layer=pre_logits] [--fewshot_select=loo|test]
+  python -m mixer_vit.evaluate --checkpoint=DVT_WORKDIR --sweep [--json]
+  python -m mixer_vit.evaluate --checkpoint=DVT_WORKDIR --budget=GFLOPS \
+      [--holdout_split='train[-5000:]']
+
+``--sweep`` and ``--budget`` are for Dynamic ViT cascades (family ``dvt``, ``models.dvt``):
+``--sweep`` prints, for one threshold shared by every stage (and for each stage alone), the
+top-1 accuracy, the mean FLOPs per image (analytic, reuse included) and the share of images
+leaving at each stage; ``--budget`` chooses per-stage thresholds that meet a mean budget (GFLOPs
+per image) on ``--holdout_split`` of the training data (default its last 5,000 examples,
+``train[-5000:]``; held out only if the run trained without them) and reports the test accuracy
+(``models.dvt_adaptive``).
 
 It is the trainer's own evaluation: ``data.make_eval_iterator`` (every example of the split once,
 padding rows masked out) and ``steps.make_eval_step`` / ``steps.evaluate``, data parallel over all
@@ -36,6 +47,8 @@ from mixer_vit import cli
 from mixer_vit import data
 from mixer_vit import infer
 from mixer_vit import workdir as workdir_lib
+from mixer_vit.models import dvt
+from mixer_vit.models import dvt_adaptive
 from mixer_vit.runtime import parallel
 from mixer_vit.training import config_utils
 from mixer_vit.training import fewshot
@@ -118,6 +131,96 @@ def predict_split(
     labels.append(np.argmax(y, axis=-1)[mask])
     preds.append(pred[mask])
   return np.concatenate(labels), np.concatenate(preds)
+
+
+# The thresholds --sweep shares between the stages.
+SWEEP_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+def stage_probabilities(
+  classifier: Any, config: Any, split: str, mesh: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """(every stage's probabilities (K, N, classes), labels (N,)) of a cascade on ``split``."""
+  config = config.copy_and_resolve_references()
+  mesh = mesh or parallel.make_mesh()
+  with config.unlocked():
+    config.test_split = split
+    if config.eval_batch_size % mesh.size:
+      config.eval_batch_size = max(mesh.size, config.eval_batch_size // mesh.size * mesh.size)
+  repl = parallel.replicated(mesh)
+  step = jax.jit(
+    lambda p, x: jax.nn.softmax(
+      classifier.model.apply({'params': p}, x, train=False, all_stages=True), axis=-1
+    ),
+    in_shardings=(repl, parallel.batch_sharding(mesh)),
+    out_shardings=repl,
+  )
+  params = parallel.replicate(classifier.params, mesh)
+  labels, probs = [], []
+  for batch in data.make_eval_iterator(config, mesh):
+    mask, y, p = parallel.to_host((batch['mask'], batch['labels'], step(params, batch['image'])))
+    labels.append(np.argmax(y, axis=-1)[mask])
+    probs.append(p[:, mask])
+  return np.concatenate(probs, axis=1), np.concatenate(labels)
+
+
+def cascade_report(
+  classifier: Any, config: Any, budget: float | None = None, holdout_split: str = 'train[-5000:]'
+) -> dict[str, Any]:
+  """A cascade's operating points on the test split (``--sweep``), or with ``budget`` (FLOPs per
+  image) the thresholds chosen on ``holdout_split`` and their test result (``--budget``)."""
+  flops = dvt.exit_flops(classifier.model_config)
+  k = len(flops)
+  report = {'dataset': str(config.dataset), 'split': str(config.test_split)}
+  report['exit_gflops'] = [float(f) / 1e9 for f in flops]
+  if budget is not None:
+    held, held_labels = stage_probabilities(classifier, config, holdout_split)
+    chosen = dvt_adaptive.budget_thresholds(held, held_labels, flops, budget)
+    report['holdout'] = {'split': holdout_split, 'examples': len(held_labels), **chosen}
+  probs, labels = stage_probabilities(classifier, config, str(config.test_split))
+  if budget is not None:
+    report['budget'] = dvt_adaptive.operating_point(
+      probs, labels, report['holdout']['thresholds'], flops
+    )
+    return report
+  report['sweep'] = [
+    dvt_adaptive.operating_point(probs, labels, [t] * (k - 1), flops) for t in SWEEP_THRESHOLDS
+  ]
+  report['stages'] = [  # Every image through stage j, none leaving before.
+    dvt_adaptive.operating_point(probs, labels, [1.0] * j + [0.0] * (k - 1 - j), flops)
+    for j in range(k)
+  ]
+  return report
+
+
+def _point_line(point: dict[str, Any]) -> str:
+  shares = ' / '.join(f'{100 * s:.1f}' for s in point['exit_shares'])
+  return (
+    f'top-1 {100 * point["accuracy"]:.2f} %, {point["mean_flops"] / 1e9:.5f} GFLOPs per image, '
+    f'leaving at each stage {shares} %'
+  )
+
+
+def format_cascade_report(report: dict[str, Any]) -> str:
+  gflops = ', '.join(f'{g:.5f}' for g in report['exit_gflops'])
+  lines = [
+    f'{report["dataset"]} {report["split"]}: {len(report["exit_gflops"])} stages; GFLOPs per '
+    f'image leaving after each stage: {gflops}'
+  ]
+  if 'budget' in report:
+    held = report['holdout']
+    thresholds = ', '.join(f'{t:.4f}' for t in held['thresholds'])
+    lines.append(
+      f'thresholds {thresholds} chosen on {held["split"]} ({held["examples"]} examples: '
+      f'{_point_line(held)})'
+    )
+    lines.append(f'test: {_point_line(report["budget"])}')
+    return '\n'.join(lines)
+  for t, point in zip(SWEEP_THRESHOLDS, report['sweep']):
+    lines.append(f'threshold {t:<6g} {_point_line(point)}')
+  for j, point in enumerate(report['stages']):
+    lines.append(f'stage {j} answering every image: {_point_line(point)}')
+  return '\n'.join(lines)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -223,7 +326,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     '--fewshot_select', choices=fewshot.SELECT, help='how to pick the L2 strength'
   )
+  parser.add_argument(
+    '--sweep', action='store_true', help='cascades (dvt): accuracy and FLOPs per exit threshold'
+  )
+  parser.add_argument(
+    '--budget', type=float, help='cascades (dvt): mean GFLOPs per image to choose thresholds for'
+  )
+  parser.add_argument(
+    '--holdout_split',
+    default='train[-5000:]',
+    help="training examples --budget chooses thresholds on (default 'train[-5000:]')",
+  )
   args = parser.parse_args(argv)
+  cascade = args.sweep or args.budget is not None
+  if args.sweep and args.budget is not None:
+    parser.error('--sweep and --budget: give one')
+  if cascade and args.fewshot:
+    parser.error('--sweep / --budget: not with --fewshot')
+  if args.budget is not None and args.budget <= 0:
+    parser.error(f'--budget={args.budget}: give a positive number of GFLOPs per image')
   fewshot_only = ('fewshot_dataset', 'fewshot_splits', 'shots', 'fewshot_layer', 'fewshot_select')
   given = [f'--{name}' for name in fewshot_only if getattr(args, name)]
   if given and not args.fewshot:
@@ -234,6 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fewshot and not dataset and args.fewshot_dataset:
       dataset = args.fewshot_dataset.split(',')[0].strip()
     config = data_config(classifier, dataset, args.data_dir, args.pp, args.batch_size)
+    if cascade and classifier.model_config.family != 'dvt':
+      raise ValueError(
+        f'{"--sweep" if args.sweep else "--budget"}: {args.checkpoint} is a '
+        f'{classifier.model_config.family} model; early exits need a Dynamic ViT cascade '
+        '(family dvt)'
+      )
+    if cascade:
+      budget = None if args.budget is None else args.budget * 1e9
+      report = cascade_report(classifier, config, budget, args.holdout_split)
+      print(json.dumps(report) if args.json else format_cascade_report(report))
+      return 0
     if args.fewshot:
       rows = fewshot_classifier(
         classifier,

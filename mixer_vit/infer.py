@@ -18,6 +18,10 @@ The preprocessing is the evaluation preprocessing the checkpoint expects:
 ``config.ema_decay``: a workdir's checkpoint's EMA parameters, or the ``params_ema.npz`` beside a
 workdir's ``params.npz`` (an error names what is missing when the run kept no EMA).
 
+A Dynamic ViT cascade (family ``dvt``) answers each image at the first stage whose top probability
+exceeds ``--thresholds`` (one value for every stage, or one per stage but the last; default 0.9)
+and the output names that stage (``exit_stage``); other models refuse ``--thresholds``.
+
 Folders are searched recursively for image files and processed in batches. A file that cannot be
 read or decoded is reported by name on stderr and the others are still classified; the exit status
 is then 1.
@@ -42,6 +46,7 @@ from mixer_vit import cli
 from mixer_vit import models
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.data import preprocess
+from mixer_vit.models import dvt_adaptive
 from mixer_vit.models import params_io
 from mixer_vit.models import registry
 from mixer_vit.runtime import paths
@@ -70,6 +75,8 @@ class Classifier:
   # Images with more decoded pixels are refused before decoding; None: the decode op's default
   # (8000 x 8000), 0: no limit.
   max_image_pixels: int | None = None
+  # Cascades (family dvt): the exit thresholds per stage (models.dvt_adaptive); None otherwise.
+  thresholds: tuple[float, ...] | None = None
 
   def __post_init__(self):
     self._apply = jax.jit(lambda p, x: self.model.apply({'params': p}, x, train=False))
@@ -351,13 +358,20 @@ def classify_files(
 
   def flush():
     good = [(p, x) for p, x, e in pending if e is None]
-    probs = {}
+    probs, exit_stage = {}, {}
     if good:
       batch = np.stack([x for _, x in good])
-      # A fixed batch shape compiles once; the padding rows are dropped.
-      padded = np.zeros((batch_size, *batch.shape[1:]), np.float32)
-      padded[: len(batch)] = batch
-      p = classifier.probabilities(padded)[: len(batch)]
+      if classifier.thresholds is not None:
+        if getattr(classifier, '_cascade', None) is None:  # Compiled once for every batch.
+          classifier._cascade = dvt_adaptive.AdaptiveCascade(
+            classifier.model, classifier.params, batch_size
+          )
+        p, exits = classifier._cascade.predict(batch, classifier.thresholds)
+        exit_stage.update(enumerate(exits))
+      else:  # A fixed batch shape compiles once; the padding rows are dropped.
+        padded = np.zeros((batch_size, *batch.shape[1:]), np.float32)
+        padded[: len(batch)] = batch
+        p = classifier.probabilities(padded)[: len(batch)]
       probs = {i: row for i, row in enumerate(p)}
     j = 0
     for path, _, error in pending:
@@ -367,13 +381,16 @@ def classify_files(
       row = probs[j]
       j += 1
       order = np.argsort(-row, kind='stable')[:top_k]
-      yield {
+      result = {
         'file': path,
         'predictions': [
           {'label': int(i), 'name': classifier.class_name(int(i)), 'probability': float(row[i])}
           for i in order
         ],
       }
+      if j - 1 in exit_stage:
+        result['exit_stage'] = int(exit_stage[j - 1])
+      yield result
     pending.clear()
 
   for path in paths:
@@ -391,6 +408,8 @@ def format_result(result: dict[str, Any]) -> str:
   if 'error' in result:
     return f'{result["file"]}: ERROR {result["error"]}'
   lines = [result['file']]
+  if 'exit_stage' in result:
+    lines[0] += f'  (answered by stage {result["exit_stage"]})'
   for p in result['predictions']:
     lines.append(f'  {p["probability"]:8.4f}  {p["label"]:>5d}  {p["name"]}')
   return '\n'.join(lines)
@@ -425,6 +444,29 @@ def load_from_args(args: argparse.Namespace) -> Classifier:
   return classifier
 
 
+def _thresholds(text: str | None, classifier: Classifier) -> tuple[float, ...] | None:
+  """The exit thresholds ``--thresholds`` gives a cascade (None for other models)."""
+  if classifier.model_config.family != 'dvt':
+    if text:
+      raise ValueError(
+        f'--thresholds: {classifier.source} is a {classifier.model_config.family} model; early '
+        'exits need a Dynamic ViT cascade (family dvt)'
+      )
+    return None
+  stages = len(classifier.model_config.stage_sizes)
+  try:
+    values = [float(t) for t in (text or '0.9').split(',')]
+  except ValueError:
+    raise ValueError(f'--thresholds={text}: give numbers, e.g. 0.9 or 0.8,0.9') from None
+  if len(values) == 1:
+    values = values * (stages - 1)
+  if len(values) != stages - 1:
+    raise ValueError(
+      f'--thresholds={text}: give one value, or {stages - 1} (one per stage but the last)'
+    )
+  return tuple(values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = cli.ArgumentParser(
     prog='python -m mixer_vit.infer',
@@ -438,6 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--top_k', type=cli.positive_int, default=5)
   parser.add_argument('--batch_size', type=cli.positive_int, default=32)
   parser.add_argument('--json', action='store_true', help='one JSON object per line and image')
+  parser.add_argument(
+    '--thresholds',
+    help='cascades (dvt): exit thresholds, one for every stage or one per stage but the last '
+    '(default 0.9)',
+  )
   args = parser.parse_args(argv)
 
   files = list_images(args.images)
@@ -448,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     classifier = load_from_args(args)
   except cli.CommandError as e:
+    return cli.fail(e)
+  try:
+    classifier.thresholds = _thresholds(args.thresholds, classifier)
+  except ValueError as e:
     return cli.fail(e)
   failed = 0
   for result in classify_files(classifier, files, args.top_k, args.batch_size):

@@ -149,12 +149,16 @@ def layer_stack(
   remat: bool,
   stochastic_depth: float,
   remat_policy: str = 'nothing',
+  per_layer: jax.Array | None = None,
+  outputs: bool = False,
   **block_kwargs: Any,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, Any]:
   """Applies `num_layers` blocks to `x`; call inside a compact method.
 
-  Each block is called as `block(x, drop_rate) -> (x, None)` and sows its own intermediates;
-  under `scan` they come out stacked on a leading layer axis.
+  Each block is called as `block(x, drop_rate) -> (x, y)` (y None unless the block is asked for
+  an output) and sows its own intermediates; under `scan` they come out stacked on a leading
+  layer axis. `per_layer` (layers, ...): a third argument, block i getting `per_layer[i]`.
+  `outputs`: return `(x, ys)`, the blocks' second outputs stacked on a leading layer axis.
   """
   rates = drop_path_rates(stochastic_depth, num_layers)
   if remat_policy not in REMAT_POLICIES:
@@ -171,11 +175,17 @@ def layer_stack(
       in_axes=0,
       length=num_layers,
     )(name=name, **block_kwargs)
-    x, _ = stack(x, jnp.asarray(rates))
-    return x
+    extra = () if per_layer is None else (per_layer,)
+    x, ys = stack(x, jnp.asarray(rates), *extra)
+    return (x, ys) if outputs else x
+  ys = []
   for i in range(num_layers):
-    x, _ = cls(name=f'{name}_{i}', **block_kwargs)(x, float(rates[i]))
-  return x
+    extra = () if per_layer is None else (per_layer[i],)
+    x, y = cls(name=f'{name}_{i}', **block_kwargs)(x, float(rates[i]), *extra)
+    ys.append(y)
+  if not outputs:
+    return x
+  return x, (None if ys[0] is None else jnp.stack(ys))
 
 
 def classifier_head(

@@ -31,6 +31,7 @@ import ml_collections
 from mixer_vit.models import alternet
 from mixer_vit.models import augreg
 from mixer_vit.models import common
+from mixer_vit.models import dvt
 from mixer_vit.models import mixer
 from mixer_vit.models import precision
 from mixer_vit.models import resnet
@@ -38,7 +39,9 @@ from mixer_vit.models import vit
 from mixer_vit.runtime import sizes
 
 # Model family -> its module file (`Model`, and the checkpoint steps models.load_pretrained uses).
-FAMILIES = {'vit': vit, 'mixer': mixer, 'resnet': resnet, 'alternet': alternet}
+FAMILIES = {'vit': vit, 'mixer': mixer, 'resnet': resnet, 'alternet': alternet, 'dvt': dvt}
+# Families whose stages are ViTs: the ViT keys and checks apply.
+_VIT_FAMILIES = ('vit', 'dvt')
 # Families built of ResNet units: no token layers, so no scan / remat / stochastic depth.
 _CONV_FAMILIES = ('resnet', 'alternet')
 # Config keys that are no module field.
@@ -181,6 +184,28 @@ _MIXER_MODELS = {
 }
 
 
+def _dvt(name, patch, hidden, mlp, heads, layers, stage_sizes, reuse_hidden, num_classes):
+  """A Dynamic ViT cascade (`models.dvt`) of ViT stages of this size at `stage_sizes`."""
+  c = _vit(name, patch, hidden, mlp, heads, layers)
+  c.family = 'dvt'
+  c.stage_sizes = tuple(stage_sizes)
+  c.feature_reuse = True
+  c.relation_reuse = True
+  c.reuse_hidden = reuse_hidden
+  c.num_classes = num_classes
+  c.image_size = tuple(stage_sizes[-1])
+  return c
+
+
+# Dynamic ViT cascades: (patch, hidden, mlp, heads, layers, stage sizes, reuse width, classes).
+# 'DVT-XS_4': for 28x28 digits, 4-pixel patches at 12, 20 and 28 pixels (3x3, 5x5 then 7x7
+# tokens), each stage a ViT of width 64 with 4 layers (configs/mnist_dvt.py).
+_DVTS = {
+  'testing-dvt': (4, 32, 64, 2, 2, ((8, 8), (16, 16)), 16, 10),
+  'DVT-XS_4': (4, 64, 128, 4, 4, ((12, 12), (20, 20), (28, 28)), 32, 10),
+}
+
+
 def _testing() -> ml_collections.ConfigDict:
   c = _vit('testing', 4, 32, 64, 2, 2)
   c.num_classes = 10
@@ -213,6 +238,8 @@ def _populate() -> None:
   _register('testing-mixer', _testing_mixer, augreg_alias=False)
   for name, spec in _CONVNETS.items():
     _register(name, lambda n=name, s=spec: _convnet(n, *s), augreg_alias=False)
+  for name, spec in _DVTS.items():
+    _register(name, lambda n=name, s=spec: _dvt(n, *s), augreg_alias=False)
   for name, (size, patch, dropout) in _VIT_MODELS.items():
     _register(
       name, lambda n=name, s=size, p=patch, d=dropout: _vit(n, p, *_VIT_SIZES[s], dropout=d)
@@ -280,6 +307,8 @@ def _normalise(key: str, value: Any) -> Any:
     return None if dtype is None else dtype.name
   if key in ('resnet.num_layers', 'msa_stages'):
     return tuple(value)
+  if key == 'stage_sizes':
+    return tuple(sizes.pair(size, 'stage_sizes') for size in value)
   return value
 
 
@@ -318,14 +347,14 @@ def _set_resnet(config: ml_collections.ConfigDict, value: Any) -> None:
 
 def _apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   key = _KEY_ALIASES.get(key, key)
-  if key == 'resnet' and config.family in ('vit', *_CONV_FAMILIES):
+  if key == 'resnet' and config.family in (*_VIT_FAMILIES, *_CONV_FAMILIES):
     _set_resnet(config, value)
     return
   *parents, leaf = key.split('.')
   node = config
   for part in parents:
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      if part == 'resnet' and node is config and config.family in ('vit', *_CONV_FAMILIES):
+      if part == 'resnet' and node is config and config.family in (*_VIT_FAMILIES, *_CONV_FAMILIES):
         raise ValueError(
           f'{config.name} has no ResNet stem; set resnet={{"num_layers": '
           f'(...), "width_factor": 1.0}} as a whole instead of {key!r}.'
@@ -394,7 +423,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
   if config.family == 'alternet':
     alternet.check_msa_stages(config.msa_stages, config.resnet.num_layers)
-  if config.family == 'vit':
+  if config.family == 'dvt':
+    dvt.check_config(config)
+  if config.family in _VIT_FAMILIES:
     if config.classifier not in vit.CLASSIFIERS:
       raise ValueError(f'classifier must be one of {vit.CLASSIFIERS}, got {config.classifier!r}.')
     if config.hidden_size % config.transformer.num_heads:
@@ -419,7 +450,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def family(config: ml_collections.ConfigDict):
-  """The module file of the config's model family (`vit`, `mixer`, `resnet` or `alternet`)."""
+  """The module file of the config's model family (`vit`, `mixer`, `resnet`, `alternet`, `dvt`)."""
   if config.family not in FAMILIES:
     raise ValueError(f'family must be one of {", ".join(FAMILIES)}, got {config.family!r}.')
   return FAMILIES[config.family]

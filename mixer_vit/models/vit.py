@@ -177,20 +177,23 @@ class MultiHeadDotProductAttention(nn.Module):
   query/key/value kernels are (D, heads, head_dim), the output kernel is (heads, head_dim, D).
   Returns (output, weights); weights (B, heads, Tq, Tk) are only computed (explicitly) when
   `return_weights` is set, and the explicit path is also used for attention dropout during
-  training.
+  training. `return_logits` returns the attention logits (float32, before the softmax) in place
+  of the weights, and a `logits_bias` (B, heads, Tq, Tk) passed to the call is added to the logits
+  before the softmax (the Dynamic ViT's relationship reuse); both take the explicit path.
   """
 
   num_heads: int
   dropout_rate: float = 0.0
   deterministic: bool = True
   return_weights: bool = False
+  return_logits: bool = False
   implementation: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None):
+  def __call__(self, inputs_q, inputs_kv=None, logits_bias=None):
     inputs_kv = inputs_q if inputs_kv is None else inputs_kv
     features = inputs_q.shape[-1]
     if features % self.num_heads:
@@ -214,14 +217,18 @@ class MultiHeadDotProductAttention(nn.Module):
     implementation = resolve_attention_impl(
       self.implementation, self.matmul_dtype if mixed else q.dtype, head_dim
     )
-    if self.return_weights or use_dropout or implementation == 'explicit':
+    explicit = self.return_logits or logits_bias is not None or implementation == 'explicit'
+    if self.return_weights or use_dropout or explicit:
       q = q / jnp.sqrt(head_dim).astype(q.dtype)
       if mixed:  # The two products as dot_generals: (batch, heads) are batch dimensions.
         dot = precision.mixed_dot_general(self.matmul_dtype)
         logits = dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))  # bqhd,bkhd->bhqk
       else:
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-      weights = softmax(logits.astype(jnp.float32))
+      logits = logits.astype(jnp.float32)
+      if logits_bias is not None:
+        logits = logits + logits_bias.astype(jnp.float32)
+      weights = softmax(logits)
       weights = weights.astype(self.dtype)
       used = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=not use_dropout)
       if mixed:
@@ -233,7 +240,7 @@ class MultiHeadDotProductAttention(nn.Module):
         q, k, v = (a.astype(self.matmul_dtype) for a in (q, k, v))
       out = _fused_attention(q, k, v, implementation, fallback=self.implementation == 'auto')
       out = out.astype(self.dtype)
-      weights = None
+      weights = logits = None
 
     out = nn.DenseGeneral(
       features=features,
@@ -244,6 +251,8 @@ class MultiHeadDotProductAttention(nn.Module):
       name='out',
       **precision.matmul_kwargs(self.matmul_dtype),
     )(out)
+    if self.return_logits:
+      return out, logits
     return out, (weights if self.return_weights else None)
 
 
@@ -264,7 +273,9 @@ class EncoderBlock(nn.Module):
   """Pre-norm transformer block: x + MHA(LN(x)); x + MLP(LN(x)).
 
   Sows its output ('blocks') and, computing them explicitly, its attention weights ('attention')
-  when the 'intermediates' collection is mutable.
+  when the 'intermediates' collection is mutable. Returns `(x, None)`, or with `return_logits`
+  `(x, attention logits)`; `attention_bias` is added to the attention logits (see
+  `MultiHeadDotProductAttention`).
   """
 
   mlp_dim: int
@@ -274,12 +285,13 @@ class EncoderBlock(nn.Module):
   use_drop_path: bool = False
   deterministic: bool = True
   attention_impl: str = 'auto'
+  return_logits: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, x, drop_rate):
+  def __call__(self, x, drop_rate, attention_bias=None):
     norm = lambda name: nn.LayerNorm(
       epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name=name
     )
@@ -292,13 +304,17 @@ class EncoderBlock(nn.Module):
       dropout_rate=self.attention_dropout_rate,
       deterministic=self.deterministic,
       return_weights=collect,
+      return_logits=self.return_logits,
       implementation=self.attention_impl,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       matmul_dtype=self.matmul_dtype,
       name='MultiHeadDotProductAttention_1',
-    )(y)
+    )(y, logits_bias=attention_bias)
+    logits = weights if self.return_logits else None
     if collect:
+      if self.return_logits:
+        weights = softmax(logits).astype(self.dtype)
       self.sow(common.INTERMEDIATES, 'attention', weights)
     y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=self.deterministic)
     x = x + common.drop_path(self, y, drop_rate, skip_drop_path)
@@ -315,11 +331,16 @@ class EncoderBlock(nn.Module):
     y = mlp(y, deterministic=self.deterministic)
     x = x + common.drop_path(self, y, drop_rate, skip_drop_path)
     self.sow(common.INTERMEDIATES, 'blocks', x)
-    return x, None
+    return x, logits
 
 
 class Encoder(nn.Module):
-  """Position embedding, dropout, the blocks and the final LayerNorm."""
+  """Position embedding, dropout, the blocks and the final LayerNorm.
+
+  `attention_bias` (layers, B, heads, T, T): added to each block's attention logits. With
+  `return_logits` it returns `(x, logits)`, every block's attention logits (layers, B, heads, T,
+  T), else `x`.
+  """
 
   num_layers: int
   mlp_dim: int
@@ -331,16 +352,17 @@ class Encoder(nn.Module):
   remat: bool = False
   remat_policy: str = 'nothing'
   scan: bool = False
+  return_logits: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   matmul_dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, attention_bias=None):
     x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
     x = x.astype(self.dtype)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = common.layer_stack(
+    x, logits = common.layer_stack(
       EncoderBlock,
       x,
       num_layers=self.num_layers,
@@ -348,6 +370,9 @@ class Encoder(nn.Module):
       scan=self.scan,
       remat=self.remat,
       remat_policy=self.remat_policy,
+      per_layer=attention_bias,
+      outputs=True,
+      return_logits=self.return_logits,
       stochastic_depth=self.stochastic_depth,
       mlp_dim=self.mlp_dim,
       num_heads=self.num_heads,
@@ -360,9 +385,10 @@ class Encoder(nn.Module):
       param_dtype=self.param_dtype,
       matmul_dtype=self.matmul_dtype,
     )
-    return nn.LayerNorm(
+    x = nn.LayerNorm(
       epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name='encoder_norm'
     )(x)
+    return (x, logits) if self.return_logits else x
 
 
 class AddPositionEmbs(nn.Module):
@@ -425,6 +451,11 @@ class VisionTransformer(nn.Module):
   Returns float32 logits (B, num_classes), or (B, tokens, num_classes) for the 'unpooled'
   classifiers. `models.apply_with_intermediates` also returns the blocks' outputs and attention
   weights.
+
+  For the Dynamic ViT cascade (`models.dvt`), whose stages are these models: `token_bias`
+  (B, tokens, D) is added to the tokens (class token included) before the position embedding,
+  `attention_bias` (layers, B, heads, tokens, tokens) to each block's attention logits, and
+  `return_reuse` returns `(logits, encoded tokens, attention logits of every block)`.
   """
 
   num_classes: int | None
@@ -459,7 +490,15 @@ class VisionTransformer(nn.Module):
       )
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(
+    self,
+    images,
+    *,
+    train: bool = False,
+    token_bias=None,
+    attention_bias=None,
+    return_reuse: bool = False,
+  ):
     self._check_options()
     common.check_images(images, 'VisionTransformer')
     dtype, param_dtype = common.to_dtype(self.dtype), common.to_dtype(self.param_dtype)
@@ -496,6 +535,8 @@ class VisionTransformer(nn.Module):
     if self.classifier in ('token', 'token_unpooled'):
       cls = self.param('cls', nn.initializers.zeros, (1, 1, c), param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], 1)
+    if token_bias is not None:
+      x = x + token_bias.astype(x.dtype)
 
     x = Encoder(
       num_layers=self.transformer['num_layers'],
@@ -508,11 +549,15 @@ class VisionTransformer(nn.Module):
       remat=self.remat,
       remat_policy=self.remat_policy,
       scan=self.scan,
+      return_logits=return_reuse,
       dtype=dtype,
       param_dtype=param_dtype,
       matmul_dtype=matmul_dtype,
       name='Transformer',
-    )(x, train=train)
+    )(x, train=train, attention_bias=attention_bias)
+    if return_reuse:
+      x, attention_logits = x
+    encoded = x
     self.sow(common.INTERMEDIATES, 'encoded', x)
 
     if self.classifier == 'token':
@@ -541,6 +586,8 @@ class VisionTransformer(nn.Module):
 
     if self.num_classes:
       x = common.classifier_head(x, self.num_classes, self.head_bias_init, param_dtype)
+    if return_reuse:
+      return x, encoded, attention_logits
     return x
 
 

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 or None turns it off.
   c.accum_steps = 1  # Micro-batches per step (gradient accumulation inside the jitted step).
   c.loss = 'softmax_xent'  # 'softmax_xent' | 'sigmoid_xent'.
+  # Cascades (family dvt): the weight of each stage's loss in the training loss, one per stage;
+  # (): every stage's loss counts once (their sum).
+  c.stage_loss_weights = ()
   # Fine-tuning controls (mixer_vit.training.optim; all off by default). Patterns are regular expressions
   # matched in full against the '/'-joined parameter names of the released checkpoints, e.g.
   # 'head/kernel', 'Transformer/encoderblock_3/MlpBlock_3/Dense_0/bias', 'conv_root/kernel'.

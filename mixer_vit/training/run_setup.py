@@ -127,6 +127,7 @@ class RunPlan:
     (``jax.eval_shape``: nothing is allocated)."""
     image_shape = tuple(image_shape)
     model_config, model = steps.make_model(self.config, num_classes, image_shape[:2])
+    steps.stage_weights(model, self.settings.step)  # One loss weight per stage of a cascade.
     init = steps.make_init_fn(model, self.tx, image_shape, self.settings.step.ema)
     abstract = jax.eval_shape(init, jax.eval_shape(lambda: jax.random.PRNGKey(0)))
     shardings = parallel.state_shardings(abstract, self.mesh, self.settings.mesh.rules)

@@ -14,6 +14,11 @@ params`` with no warm-up or bias correction, so after n steps ``ema_n = d**n * p
 sum_{k=1..n} (1 - d) * d**(n - k) * params_k``. Written that way a parameter that does not move
 (``config.frozen`` / ``trainable``) keeps its EMA equal to it exactly. With EMA off the state is the
 plain ``TrainState``, its tree (and so its checkpoints) as without this feature.
+
+Cascades (``models.dvt``, whose model has ``num_stages``): the training loss is the sum over the
+stages of each stage's loss, weighted by ``config.stage_loss_weights`` (one weight per stage; empty:
+every weight 1); the evaluation counts each stage's correct predictions too
+(``test_accuracy_stage<k>``), the main metrics being the last stage's.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class StepSettings:
   loss: str = 'softmax_xent'
   accum_steps: int = 1
   ema_decay: float | None = None
+  stage_loss_weights: tuple[float, ...] = ()  # Cascades: one per stage; (): every weight 1.
 
   @property
   def ema(self) -> bool:
@@ -82,7 +88,15 @@ class StepSettings:
     k = int(config.get('accum_steps', 1))
     if k < 1:
       raise ValueError(f'accum_steps must be >= 1 (got {k}).')
-    return cls(loss=config.loss, accum_steps=k, ema_decay=ema_decay(config))
+    weights = tuple(float(w) for w in config.get('stage_loss_weights', ()) or ())
+    if any(w < 0 for w in weights) or (weights and not any(weights)):
+      raise ValueError(
+        f'config.stage_loss_weights={weights}: weights must be >= 0 and not all 0; e.g. '
+        "(1.0, 1.0, 1.0) for the sum of the stages' losses."
+      )
+    return cls(
+      loss=config.loss, accum_steps=k, ema_decay=ema_decay(config), stage_loss_weights=weights
+    )
 
 
 def step_settings(settings: StepSettings | ml_collections.ConfigDict) -> StepSettings:
@@ -111,6 +125,31 @@ def with_ema(state: TrainState, ema: bool) -> TrainState:
   if has and not ema:
     return TrainState(state.step, state.params, state.opt_state)
   return state
+
+
+def num_stages(model: Any) -> int | None:
+  """The stages of a cascade model (``models.dvt``); None for any other model."""
+  return getattr(model, 'num_stages', None)
+
+
+def stage_weights(model: Any, settings: StepSettings) -> tuple[float, ...] | None:
+  """The weight of each stage's loss of a cascade (checked against its stages); None otherwise."""
+  k = num_stages(model)
+  weights = settings.stage_loss_weights
+  if k is None:
+    if weights:
+      raise ValueError(
+        f'config.stage_loss_weights={weights} is for cascade models (family dvt); set it to ().'
+      )
+    return None
+  if not weights:
+    return (1.0,) * k
+  if len(weights) != k:
+    raise ValueError(
+      f'config.stage_loss_weights has {len(weights)} weights but the model has {k} stages; give '
+      'one per stage, or () for the plain sum.'
+    )
+  return weights
 
 
 def update_ema(ema_params: Any, params: Any, decay: float) -> Any:
@@ -193,6 +232,7 @@ def make_train_step(
   """
   settings = step_settings(settings)
   loss_fn = losses.get_loss_fn(settings.loss)
+  weights = stage_weights(model, settings)
   decay = settings.ema_decay
   k = settings.accum_steps
   micro_sharding = parallel.micro_batch_sharding(mesh)
@@ -205,6 +245,11 @@ def make_train_step(
 
   def loss_and_grads(params, images, labels, key):
     def mean_loss(p):
+      if weights is not None:
+        logits = model.apply(
+          {'params': p}, images, train=True, all_stages=True, rngs={'dropout': key}
+        )
+        return sum(w * jnp.mean(loss_fn(x, labels)) for w, x in zip(weights, logits))
       logits = model.apply({'params': p}, images, train=True, rngs={'dropout': key})
       return jnp.mean(loss_fn(logits, labels))
 
@@ -263,11 +308,20 @@ def make_eval_step(
   laid out as ``params_sharding`` (default: replicated). ``settings``: ``StepSettings`` (or the
   training config), for the loss."""
   loss_fn = losses.get_loss_fn(step_settings(settings).loss)
+  cascade = num_stages(model) is not None
 
   def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
     mask = batch['mask'].astype(bool)
     label = jnp.argmax(batch['labels'], axis=-1)
+    stage_sums = {}
+    if cascade:
+      stages = model.apply({'params': params}, batch['image'], train=False, all_stages=True)
+      stages = stages.astype(jnp.float32)
+      hits = (jnp.argmax(stages, axis=-1) == label) & mask
+      stage_sums['correct_stage'] = jnp.sum(hits, axis=-1, dtype=jnp.int32)
+      logits = stages[-1]
+    else:
+      logits = model.apply({'params': params}, batch['image'], train=False).astype(jnp.float32)
     label_logit = jnp.take_along_axis(logits, label[:, None], axis=-1)
     rank = jnp.sum(logits > label_logit, axis=-1)  # 0 when the label scores highest.
     correct = (jnp.argmax(logits, axis=-1) == label) & mask
@@ -276,6 +330,7 @@ def make_eval_step(
       'correct_top5': jnp.sum((rank < 5) & mask, dtype=jnp.int32),
       'loss': jnp.sum(jnp.where(mask, loss_fn(logits, batch['labels']), 0.0)),
       'count': jnp.sum(mask, dtype=jnp.int32),
+      **stage_sums,
     }
 
   repl = parallel.replicated(mesh)
@@ -294,6 +349,8 @@ def _scores(totals: Mapping[str, Any], num_classes: int, suffix: str = '') -> di
   }
   if num_classes > 5:
     result[f'test_top5_accuracy{suffix}'] = float(totals['correct_top5']) / count
+  for k, correct in enumerate(totals.get('correct_stage', ())):
+    result[f'test_accuracy_stage{k}{suffix}'] = int(correct) / count
   return result
 
 
