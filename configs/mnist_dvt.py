@@ -13,11 +13,12 @@ The training loss is the sum of the three stages' losses. The last 5,000 trainin
 28x28 digits), the single-model baseline; ``:epochs=N`` sets the length.
 
 Measured with the second command above (3 epochs, 1,289 steps of 128, the default; seed 0, float32),
-2-core Intel Xeon shared with other jobs, 2026-12-04, one run: 9m02s of training (evaluation and
+2-core Intel Xeon with nothing else running, 2026-12-05, one run: 5m10s of training (evaluation and
 checkpoints included); test top-1 95.42 / 96.24 / 96.74 % for stages 0 / 1 / 2 answering every image
 (0.0025 / 0.0104 / 0.0305 GFLOPs per image); with the third command 96.68 % at 0.0057 GFLOPs per
-image (74 % of the images answered by stage 0). ``:model=vit,epochs=5`` (the last stage alone,
-0.0156 GFLOPs per image): 97.71 % in 7m29s. docs/dynamic_vit.md has the table.
+image (74 % of the images answered by stage 0). ``:model=vit,epochs=6`` (the last stage alone, about
+the cascade's training time: 4m39s; 0.0156 GFLOPs per image): 98.19 %; ``:model=vit,epochs=3`` (the
+cascade's steps, 2m19s): 95.60 %. docs/dynamic_vit.md has the table and the picture.
 """
 
 from mixer_vit.training import config_utils

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixer_vit import models
+from mixer_vit.models import flops
 from mixer_vit.models import vit
 from mixer_vit.runtime import parallel
 from mixer_vit.runtime import sizes
@@ -89,8 +90,8 @@ def xla_flops(compiled: Any) -> float | None:
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:
     return None
-  flops = float(analysis['flops'])
-  return flops if flops > 0 else None
+  count = float(analysis['flops'])
+  return count if count > 0 else None
 
 
 def default_matmul_size() -> int:
@@ -119,36 +120,14 @@ def matmul_peak(
 def analytic_flops(
   model_config: Any, image_hw: tuple[int, int], batch: int, train: bool = False
 ) -> float | None:
-  """Matrix-multiply FLOPs (2 x multiply-adds) of the model, counted by hand.
-
-  Covers plain ViT and Mixer (patch embedding, attention or token mixing, MLPs, head); returns None
-  for hybrids. Training is counted as 3x the forward pass (backward = 2x forward), the usual rule.
-  """
-  if model_config.get('resnet'):
+  """Matrix-multiply FLOPs (2 x multiply-adds) of `batch` images, counted by hand
+  (`models.flops`): plain ViT and Mixer; None for hybrids. Training is counted as 3x the forward
+  pass (backward = 2x forward), the usual rule."""
+  per_image = flops.forward_flops(model_config, image_hw)
+  if per_image is None:
     return None
-  h, w = image_hw
-  ph, pw = tuple(model_config.patches.size)
-  n = (h // ph) * (w // pw)
-  d = model_config.hidden_size
-  c = model_config.num_classes
-  macs = n * ph * pw * 3 * d  # Patch embedding.
-  if model_config.family == 'vit':
-    t = n + (1 if model_config.classifier == 'token' else 0)
-    m = model_config.transformer.mlp_dim
-    per_layer = 4 * t * d * d + 2 * t * t * d + 2 * t * d * m  # qkv+out, scores+mix, mlp.
-    macs += model_config.transformer.num_layers * per_layer
-    rep = model_config.get('representation_size')
-    if rep:
-      macs += d * rep
-      d = rep
-  else:
-    tokens_dim = model_config.tokens_mlp_dim
-    channels_dim = model_config.channels_mlp_dim
-    per_layer = 2 * d * n * tokens_dim + 2 * n * d * channels_dim
-    macs += model_config.num_blocks * per_layer
-  macs += d * c
-  flops = 2.0 * macs * batch
-  return 3.0 * flops if train else flops
+  total = per_image * batch
+  return 3.0 * total if train else total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,17 +297,17 @@ def benchmark(
   peak_before = matmul_peak(peak_dtype, matmul_size, matmul_runs)
   times = time_calls(call, runs, warmup)
   median = statistics.median(times)
-  flops = xla_flops(compiled)
+  step_flops = xla_flops(compiled)
   source = 'XLA cost analysis of the compiled step'
-  if flops is not None and mesh.size > 1:
-    flops *= mesh.size  # The SPMD program (one device's share) is counted.
+  if step_flops is not None and mesh.size > 1:
+    step_flops *= mesh.size  # The SPMD program (one device's share) is counted.
     source += f' x {mesh.size} devices'
   analytic = analytic_flops(model_config, hw, batch, train)
-  if flops is None and analytic is not None:
-    flops, source = analytic, 'analytic matmul count'
+  if step_flops is None and analytic is not None:
+    step_flops, source = analytic, 'analytic matmul count'
   peak_after = matmul_peak(peak_dtype, matmul_size, matmul_runs)
   peak = max(peak_before, peak_after, key=lambda p: p['flops_per_second'])
-  achieved = flops / median if flops else None
+  achieved = step_flops / median if step_flops else None
   # The peak was measured on one device; the model ran on mesh.size of them.
   peak_total = peak['flops_per_second'] * mesh.size
   return BenchmarkResult(
@@ -343,7 +322,7 @@ def benchmark(
     step_seconds_median=median,
     step_seconds_all=times,
     images_per_second=batch / median,
-    flops_per_step=flops,
+    flops_per_step=step_flops,
     flops_source=source,
     analytic_flops_per_step=analytic,
     achieved_flops_per_second=achieved,

@@ -6,7 +6,8 @@ with ``--fewshot``, the few-shot linear probes of its representation (``mixer_vi
       --dataset=cifar10 --pp='decode|resize(384)|value_range(-1,1)|onehot' [--split=test]
   python -m mixer_vit.evaluate --checkpoint=WORKDIR --fewshot [--fewshot_dataset=digits] \
       [--shots=1,5,10] [--fewshot_layer=pre_logits] [--fewshot_select=loo|test]
-  python -m mixer_vit.evaluate --checkpoint=DVT_WORKDIR --sweep [--json]
+  python -m mixer_vit.evaluate --checkpoint=DVT_WORKDIR --sweep [--json] \
+      [--baseline=WORKDIR ...] [--out=SWEEP.png [--overwrite]]
   python -m mixer_vit.evaluate --checkpoint=DVT_WORKDIR --budget=GFLOPS \
       [--holdout_split='train[-5000:]']
 
@@ -16,7 +17,11 @@ top-1 accuracy, the mean FLOPs per image (analytic, reuse included) and the shar
 leaving at each stage; ``--budget`` chooses per-stage thresholds that meet a mean budget (GFLOPs
 per image) on ``--holdout_split`` of the training data (default its last 5,000 examples,
 ``train[-5000:]``; held out only if the run trained without them) and reports the test accuracy
-(``models.dvt_adaptive``).
+(``models.dvt_adaptive``). ``--baseline`` evaluates other checkpoints (single models, plain ViT or
+Mixer) on the same split beside the sweep, with their FLOPs per image (``models.flops``); ``--out``
+draws the sweep, each stage alone and the baselines as accuracy against FLOPs per image into a PNG,
+under the output rules of ``mixer_vit.cli`` (an existing file is replaced only with ``--overwrite``
+and only when it is an earlier picture of ours).
 
 It is the trainer's own evaluation: ``data.make_eval_iterator`` (every example of the split once,
 padding rows masked out) and ``steps.make_eval_step`` / ``steps.evaluate``, data parallel over all
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
+import os
 import sys
 from typing import Any
 
@@ -49,7 +55,9 @@ from mixer_vit import infer
 from mixer_vit import workdir as workdir_lib
 from mixer_vit.models import dvt
 from mixer_vit.models import dvt_adaptive
+from mixer_vit.models import flops as flops_lib
 from mixer_vit.runtime import parallel
+from mixer_vit.runtime import paths
 from mixer_vit.training import config_utils
 from mixer_vit.training import fewshot
 from mixer_vit.training import steps
@@ -134,7 +142,23 @@ def predict_split(
 
 
 # The thresholds --sweep shares between the stages.
-SWEEP_THRESHOLDS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+SWEEP_THRESHOLDS = (
+  0.0,
+  0.5,
+  0.6,
+  0.7,
+  0.8,
+  0.85,
+  0.875,
+  0.9,
+  0.925,
+  0.95,
+  0.98,
+  0.99,
+  0.995,
+  0.999,
+  1.0,
+)
 
 
 def stage_probabilities(
@@ -220,7 +244,80 @@ def format_cascade_report(report: dict[str, Any]) -> str:
     lines.append(f'threshold {t:<6g} {_point_line(point)}')
   for j, point in enumerate(report['stages']):
     lines.append(f'stage {j} answering every image: {_point_line(point)}')
+  for point in report.get('baselines', []):
+    lines.append(
+      f'{point["label"]} ({point["model"]}) alone: top-1 {100 * point["accuracy"]:.2f} %, '
+      f'{point["mean_flops"] / 1e9:.5f} GFLOPs per image'
+    )
   return '\n'.join(lines)
+
+
+def baseline_point(baseline: Any, config: Any) -> dict[str, Any]:
+  """A single model beside a cascade's sweep: its top-1 on the cascade's data set and split (with
+  its own preprocessing when it is a workdir) and its FLOPs per image."""
+  per_image = flops_lib.forward_flops(baseline.model_config, baseline.image_size)
+  if per_image is None:
+    raise ValueError(
+      f'--baseline={baseline.source}: a {baseline.model_config.family} model; the analytic FLOP '
+      'count covers plain ViTs and Mixers'
+    )
+  own = data_config(baseline, str(config.dataset), config.get('data_dir'))
+  result = evaluate_classifier(baseline, own, str(config.test_split))
+  return {
+    'checkpoint': str(baseline.source),
+    'label': os.path.basename(os.path.normpath(str(baseline.source))),
+    'model': str(baseline.model_config.name),
+    'accuracy': result['top1'],
+    'mean_flops': per_image,
+    'examples': result['examples'],
+  }
+
+
+def plot_cascade_sweep(report: dict[str, Any], out: str, title: str = '') -> str:
+  """Draws a ``--sweep`` report into the PNG ``out``: top-1 against mean GFLOPs per image for the
+  shared thresholds (a line, each point marked with its threshold), each stage alone and the
+  baselines. ``out`` must have passed ``cli.check_output``."""
+  import matplotlib  # noqa: PLC0415  # pyplot only when drawing; the backend must be set first.
+
+  matplotlib.use('Agg', force=False)
+  from matplotlib import pyplot as plt  # noqa: PLC0415
+  from matplotlib import ticker  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(9.0, 4.4))
+  sweep = report['sweep']
+  x = [p['mean_flops'] / 1e9 for p in sweep]
+  y = [100 * p['accuracy'] for p in sweep]
+  ax.plot(x, y, '-o', color='C0', ms=4, label='cascade, one threshold for every stage', zorder=3)
+  groups: dict[tuple[float, float], list[float]] = {}  # Thresholds giving the same point.
+  for t, xi, yi in zip(SWEEP_THRESHOLDS, x, y):
+    groups.setdefault((xi, yi), []).append(t)
+  for i, ((xi, yi), ts) in enumerate(groups.items()):  # Labels below and above in turn.
+    text = f'{ts[0]:g}' if len(ts) == 1 else f'{ts[0]:g}-{ts[-1]:g}'
+    offset = (3, -11) if i % 2 == 0 else (-4, 5)
+    ax.annotate(text, (xi, yi), textcoords='offset points', xytext=offset, fontsize=7)
+  for j, p in enumerate(report['stages']):
+    xy = (p['mean_flops'] / 1e9, 100 * p['accuracy'])
+    label = 'each stage answering every image' if j == 0 else None
+    ax.plot(*xy, 's', color='C1', ms=7, zorder=4, label=label)
+    ax.annotate(f'stage {j}', xy, textcoords='offset points', xytext=(8, -3), fontsize=8)
+  for i, p in enumerate(report.get('baselines', [])):
+    xy = (p['mean_flops'] / 1e9, 100 * p['accuracy'])
+    ax.plot(*xy, '*', color=f'C{2 + i}', ms=12, zorder=5, label=f'single model: {p["label"]}')
+    ax.annotate(p['label'], xy, textcoords='offset points', xytext=(7, -3), fontsize=8)
+  ax.set_xscale('log')
+  ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(ticker.FormatStrFormatter('%g'))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xlabel('mean GFLOPs per image (log scale)')
+  ax.set_ylabel('top-1 (%)')
+  ax.set_title(title or f'{report["dataset"]} {report["split"]}', fontsize=10)
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+  fig.tight_layout()
+  with paths.staged_path(out) as staged:
+    fig.savefig(staged, format='png', dpi=120, metadata={'Software': cli.SOFTWARE})
+  plt.close(fig)
+  return out
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -302,6 +399,14 @@ def fewshot_classifier(
   return evaluator.run_detailed(classifier.params)
 
 
+def _load_baseline(path: str) -> Any:
+  try:
+    return infer.load_classifier(path)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    text = cli.one_line(e)
+    raise cli.CommandError(text if path in text else f'--baseline={path}: {text}') from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = cli.ArgumentParser(
     prog='python -m mixer_vit.evaluate',
@@ -337,12 +442,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     default='train[-5000:]',
     help="training examples --budget chooses thresholds on (default 'train[-5000:]')",
   )
+  parser.add_argument(
+    '--baseline',
+    action='append',
+    default=[],
+    help="with --sweep: a single model's workdir to evaluate beside the cascade (repeatable)",
+  )
+  parser.add_argument('--out', help='with --sweep: PNG to draw accuracy against FLOPs into')
+  parser.add_argument(
+    '--overwrite', action='store_true', help='replace an earlier picture at --out (only ours)'
+  )
   args = parser.parse_args(argv)
   cascade = args.sweep or args.budget is not None
   if args.sweep and args.budget is not None:
     parser.error('--sweep and --budget: give one')
   if cascade and args.fewshot:
     parser.error('--sweep / --budget: not with --fewshot')
+  sweep_only = [f'--{name}' for name in ('baseline', 'out', 'overwrite') if getattr(args, name)]
+  if sweep_only and not args.sweep:
+    parser.error(f'{", ".join(sweep_only)}: only with --sweep')
   if args.budget is not None and args.budget <= 0:
     parser.error(f'--budget={args.budget}: give a positive number of GFLOPs per image')
   fewshot_only = ('fewshot_dataset', 'fewshot_splits', 'shots', 'fewshot_layer', 'fewshot_select')
@@ -350,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if given and not args.fewshot:
     parser.error(f'{", ".join(given)}: only with --fewshot')
   try:
+    if args.out:  # Refused before anything is computed.
+      cli.check_output(
+        args.out, '--out', overwrite=args.overwrite, ours=cli.png_is_ours, example='sweep.png'
+      )
     classifier = infer.load_from_args(args)
     dataset = args.dataset
     if args.fewshot and not dataset and args.fewshot_dataset:
@@ -364,7 +486,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cascade:
       budget = None if args.budget is None else args.budget * 1e9
       report = cascade_report(classifier, config, budget, args.holdout_split)
+      if args.baseline:
+        report['baselines'] = [
+          baseline_point(_load_baseline(path), config) for path in args.baseline
+        ]
+      if args.out:
+        plot_cascade_sweep(report, args.out, f'{classifier.model_config.name} on {config.dataset}')
       print(json.dumps(report) if args.json else format_cascade_report(report))
+      if args.out and not args.json:
+        print(f'wrote {args.out}')
       return 0
     if args.fewshot:
       rows = fewshot_classifier(

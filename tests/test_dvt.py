@@ -13,11 +13,13 @@ from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autou
 from test_train import losses
 from test_train import tiny_config
 
+from mixer_vit import cli
 from mixer_vit import evaluate
 from mixer_vit import infer
 from mixer_vit import models
 from mixer_vit.models import dvt
 from mixer_vit.models import dvt_adaptive
+from mixer_vit.models import flops
 from mixer_vit.models import params_io
 from mixer_vit.training import train
 
@@ -258,6 +260,37 @@ def test_evaluate_sweeps_and_meets_a_budget_and_other_models_refuse(tmp_path, ca
   train.train_and_evaluate(tiny_config(total_steps=1, warmup_steps=0), vit)
   assert evaluate.main(['--checkpoint', vit, '--budget=1']) == 2
   assert 'early exits need a Dynamic ViT cascade' in capsys.readouterr().err
+
+
+def test_evaluate_draws_the_sweep_beside_a_single_model_and_keeps_other_files(tmp_path, capsys):
+  workdir, vit = str(tmp_path / 'dvt'), str(tmp_path / 'vit')
+  train.train_and_evaluate(_dvt_config(total_steps=2, warmup_steps=0), workdir)
+  train.train_and_evaluate(tiny_config(total_steps=2, warmup_steps=0), vit)
+  out = str(tmp_path / 'sweep.png')
+  args = ['--checkpoint', workdir, '--sweep', f'--baseline={vit}', f'--out={out}']
+  assert evaluate.main([*args, '--json']) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  (point,) = report['baselines']
+  single = infer.load_classifier(vit)
+  alone = evaluate.evaluate_classifier(single, evaluate.data_config(single))
+  assert point['accuracy'] == pytest.approx(alone['top1'])
+  assert point['examples'] == alone['examples'] == 299  # The digits test split, as the cascade's.
+  assert point['mean_flops'] == flops.forward_flops(single.model_config, single.image_size) > 0
+  assert cli.png_is_ours(out)
+  assert evaluate.main(args) == 2  # An earlier picture: only with --overwrite.
+  assert '--overwrite' in capsys.readouterr().err
+  assert evaluate.main([*args, '--overwrite']) == 0
+  assert 'wrote' in capsys.readouterr().out
+  mine = tmp_path / 'mine.png'
+  mine.write_bytes(b'not ours')
+  assert evaluate.main([*args[:-1], f'--out={mine}', '--overwrite']) == 2
+  assert 'never replaced' in capsys.readouterr().err and mine.read_bytes() == b'not ours'
+  with pytest.raises(SystemExit):
+    evaluate.main(['--checkpoint', workdir, f'--out={out}'])
+  assert 'only with --sweep' in capsys.readouterr().err
+  bad = str(tmp_path / 'missing')
+  assert evaluate.main(['--checkpoint', workdir, '--sweep', f'--baseline={bad}']) == 2
+  assert bad in capsys.readouterr().err
 
 
 def test_infer_names_the_stage_each_image_left_at(tmp_path, capsys):

@@ -21,9 +21,8 @@ classifier of this project does, or with `all_stages=True` every stage's, stacke
 classes); `run_stage` runs one stage given the previous one's reuse state (`adaptive.py` runs the
 cascade on the images still in play).
 
-FLOPs (`stage_flops`, `reuse_flops`, `exit_flops`): matrix-multiply FLOPs, 2 x multiply-adds, as
-`mixer_vit.benchmark` counts a ViT: patch embedding, q/k/v/out projections, attention scores and
-mixing, MLPs, pooling head and classifier; the reuse MLPs and the resampling products. Norms,
+FLOPs (`stage_flops`, `reuse_flops`, `exit_flops`): matrix-multiply FLOPs, 2 x multiply-adds: a
+stage as `models.flops` counts a plain ViT, plus the reuse MLPs and the resampling products. Norms,
 softmax and activations are not counted.
 """
 
@@ -39,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from mixer_vit.models import common
+from mixer_vit.models import flops
 from mixer_vit.models import geometry
 from mixer_vit.models import precision
 from mixer_vit.models import vit
@@ -293,25 +293,13 @@ Model = DynamicViT
 
 
 def stage_flops(config: ml_collections.ConfigDict, k: int) -> float:
-  """Matrix-multiply FLOPs of stage `k` alone on one image (module docstring)."""
-  if config.resnet is not None:
+  """Matrix-multiply FLOPs of stage `k` alone on one image (`models.flops`)."""
+  count = flops.forward_flops(stage_config(config, k))
+  if count is None:
     raise ValueError(
       f'{config.name}: the analytic FLOP count covers plain ViT stages; set model.resnet=None.'
     )
-  ph, pw = sizes.pair(config.patches.size, 'patches.size')
-  rows, cols = geometry.token_grid(stage_config(config, k))
-  n = rows * cols
-  t = num_tokens(config, k)
-  d, m = config.hidden_size, config.transformer.mlp_dim
-  macs = n * ph * pw * 3 * d  # Patch embedding.
-  macs += config.transformer.num_layers * (4 * t * d * d + 2 * t * t * d + 2 * t * d * m)
-  if config.classifier == 'map':  # One query: q, k/v of every token, scores, mix, out, MLP.
-    macs += d * d + 2 * n * d * d + 2 * n * d + d * d + 2 * d * m
-  if config.representation_size:
-    macs += d * config.representation_size
-    d = config.representation_size
-  macs += d * config.num_classes
-  return 2.0 * macs
+  return count
 
 
 def reuse_flops(config: ml_collections.ConfigDict, k: int) -> float:
