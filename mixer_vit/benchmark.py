@@ -121,7 +121,7 @@ def analytic_flops(
   model_config: Any, image_hw: tuple[int, int], batch: int, train: bool = False
 ) -> float | None:
   """Matrix-multiply FLOPs (2 x multiply-adds) of `batch` images, counted by hand
-  (`models.flops`): plain ViT and Mixer; None for hybrids. Training is counted as 3x the forward
+  (`models.flops`): ViT, hybrid, Mixer and ResNet; None for other families. Training is counted as 3x the forward
   pass (backward = 2x forward), the usual rule."""
   per_image = flops.forward_flops(model_config, image_hw)
   if per_image is None:

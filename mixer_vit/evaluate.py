@@ -17,10 +17,10 @@ top-1 accuracy, the mean FLOPs per image (analytic, reuse included) and the shar
 leaving at each stage; ``--budget`` chooses per-stage thresholds that meet a mean budget (GFLOPs
 per image) on ``--holdout_split`` of the training data (default its last 5,000 examples,
 ``train[-5000:]``; held out only if the run trained without them) and reports the test accuracy
-(``models.dvt_adaptive``). ``--baseline`` evaluates other checkpoints (single models, plain ViT or
-Mixer) on the same split beside the sweep, with their FLOPs per image (``models.flops``); ``--out``
-draws the sweep, each stage alone and the baselines as accuracy against FLOPs per image into a PNG,
-under the output rules of ``mixer_vit.cli`` (an existing file is replaced only with ``--overwrite``
+(``models.dvt_adaptive``). ``--baseline`` evaluates other checkpoints (single models: ViT,
+hybrid, Mixer or ResNet) on the same split beside the sweep, with their FLOPs per image
+(``models.flops``); ``--out`` draws the sweep, each stage alone and the baselines as accuracy
+against FLOPs per image into a PNG, under the output rules of ``mixer_vit.cli`` (an existing file is replaced only with ``--overwrite``
 and only when it is an earlier picture of ours).
 
 It is the trainer's own evaluation: ``data.make_eval_iterator`` (every example of the split once,
@@ -259,7 +259,7 @@ def baseline_point(baseline: Any, config: Any) -> dict[str, Any]:
   if per_image is None:
     raise ValueError(
       f'--baseline={baseline.source}: a {baseline.model_config.family} model; the analytic FLOP '
-      'count covers plain ViTs and Mixers'
+      'count covers ViTs, hybrids, Mixers and ResNets'
     )
   own = data_config(baseline, str(config.dataset), config.get('data_dir'))
   result = evaluate_classifier(baseline, own, str(config.test_split))

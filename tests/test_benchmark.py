@@ -30,7 +30,10 @@ def test_xla_counts_a_matmul_as_two_n_cubed():
   [
     ('testing', {}),
     ('testing', {'classifier': 'gap', 'representation_size': 16}),
+    ('testing', {'classifier': 'map'}),
+    ('testing', {'resnet': {'num_layers': (1, 1), 'width_factor': 0.5}, 'patches': {'size': 1}}),
     ('testing-mixer', {}),
+    ('testing-resnet', {}),
   ],
 )
 def test_analytic_flops_agree_with_xla(name, overrides):

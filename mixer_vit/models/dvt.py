@@ -21,8 +21,9 @@ classifier of this project does, or with `all_stages=True` every stage's, stacke
 classes); `run_stage` runs one stage given the previous one's reuse state (`adaptive.py` runs the
 cascade on the images still in play).
 
-FLOPs (`stage_flops`, `reuse_flops`, `exit_flops`): matrix-multiply FLOPs, 2 x multiply-adds: a
-stage as `models.flops` counts a plain ViT, plus the reuse MLPs and the resampling products. Norms,
+FLOPs (`stage_flops`, `reuse_flops`, `exit_flops`): 2 x multiply-adds of the matrix products and
+convolutions: a stage as `models.flops` counts a ViT or hybrid, plus the reuse MLPs and the
+resampling products. Norms,
 softmax and activations are not counted.
 """
 
@@ -293,13 +294,8 @@ Model = DynamicViT
 
 
 def stage_flops(config: ml_collections.ConfigDict, k: int) -> float:
-  """Matrix-multiply FLOPs of stage `k` alone on one image (`models.flops`)."""
-  count = flops.forward_flops(stage_config(config, k))
-  if count is None:
-    raise ValueError(
-      f'{config.name}: the analytic FLOP count covers plain ViT stages; set model.resnet=None.'
-    )
-  return count
+  """Matrix-multiply and convolution FLOPs of stage `k` alone on one image (`models.flops`)."""
+  return flops.forward_flops(stage_config(config, k))
 
 
 def reuse_flops(config: ml_collections.ConfigDict, k: int) -> float:

@@ -255,6 +255,35 @@ def stem_output_size(size: int, num_layers: Sequence[int], root: str = DEFAULT_R
   return size
 
 
+def stem_macs(
+  image_size: tuple[int, int],
+  num_layers: Sequence[int],
+  width_factor: float = 1.0,
+  root: str = DEFAULT_ROOT,
+) -> tuple[int, tuple[int, int], int]:
+  """Multiply-adds of `resnet_stem`'s convolutions on one (H, W) image, with the (H, W) and the
+  channels of its output (what `models.flops` counts for hybrids and ResNets)."""
+  kernel, stride, pool = _root(root)
+  width = int(64 * width_factor)
+  h, w = -(-image_size[0] // stride), -(-image_size[1] // stride)
+  macs = h * w * kernel * kernel * 3 * width
+  if pool:
+    h, w = -(-h // 2), -(-w // 2)
+  channels = width
+  for i, num_units in enumerate(num_layers):
+    features = width * 2**i
+    for u in range(num_units):
+      s = 2 if i > 0 and u == 0 else 1
+      out_h, out_w = -(-h // s), -(-w // s)
+      macs += h * w * channels * features  # conv1 (1x1).
+      macs += out_h * out_w * 9 * features * features  # conv2 (3x3, the unit's stride).
+      macs += out_h * out_w * features * 4 * features  # conv3 (1x1).
+      if channels != 4 * features or s != 1:
+        macs += out_h * out_w * channels * 4 * features  # conv_proj.
+      h, w, channels = out_h, out_w, 4 * features
+  return macs, (h, w), channels
+
+
 # GroupNorm modules of the stem: `gn_root`, `gn1`..`gn3`, `gn_proj`.
 _GROUP_NORM = re.compile(r'^gn(\d+|_root|_proj)$')
 
