@@ -41,6 +41,14 @@ from mixer_vit import models
 from mixer_vit.data import preprocess
 from mixer_vit.runtime import paths
 
+# Why a checkpoint of another family gets no attention maps, per family.
+NOT_A_VIT = {
+  'mixer': 'an MLP-Mixer: it has no attention',
+  'resnet': 'a ResNet: it has no attention',
+  'alternet': 'an AlterNet: its attention blocks see a feature map, not patches of the image',
+  'dvt': "a Dynamic ViT cascade: its stages' attention maps are not drawn",
+}
+
 # ----------------------------------------------------------------------------------------------
 # Array maths (numpy or jax arrays in, numpy out).
 
@@ -420,9 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise cli.CommandError(f'--alpha={args.alpha}: the opacity must be in [0, 1]')
     planned = plan_outputs(files, args.out_dir, args.summary, args.overwrite)
     classifier = infer.load_from_args(args)
-    if classifier.model_config.family != 'vit':
+    family = classifier.model_config.family
+    if family != 'vit':
       raise cli.CommandError(
-        f'{classifier.model_config.name} is an MLP-Mixer: it has no attention; '
+        f'{classifier.model_config.name} is {NOT_A_VIT.get(family, f"a {family} model")}; '
         'attention maps need a ViT checkpoint'
       )
     num_layers = classifier.model_config.transformer.num_layers

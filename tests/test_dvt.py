@@ -13,6 +13,7 @@ from test_train import compilation_cache_for_repeated_runs  # noqa: F401  (autou
 from test_train import losses
 from test_train import tiny_config
 
+from mixer_vit import attention
 from mixer_vit import cli
 from mixer_vit import evaluate
 from mixer_vit import infer
@@ -313,3 +314,6 @@ def test_infer_names_the_stage_each_image_left_at(tmp_path, capsys):
     assert [r['exit_stage'] for r in rows] == [stage] * 3
   assert infer.main(['--checkpoint', workdir, '--thresholds=0.5,0.5', str(folder)]) == 2
   assert 'one per stage but the last' in capsys.readouterr().err
+  out_dir = str(tmp_path / 'maps')
+  assert attention.main(['--checkpoint', workdir, f'--out_dir={out_dir}', str(folder)]) == 2
+  assert 'is a Dynamic ViT cascade' in capsys.readouterr().err and not os.path.exists(out_dir)
