@@ -20,7 +20,8 @@ What is measured, in one process:
 - step time: median over ``--runs`` timed calls after ``--warmup`` untimed ones, each call waited
   for with ``block_until_ready``; images/s = batch / median step time;
 - FLOPs per step: XLA's own count for the compiled step (``compiled.cost_analysis()['flops']``);
-  the analytic count of the model's matrix multiplies is printed beside it as a check;
+  the analytic count of the model's matrix multiplies and convolutions (``models.flops``) is
+  printed beside it as a check;
 - matmul peak: the median FLOP/s of a large square ``jnp.dot`` in the same dtype on the same
   devices, measured in the same run; the model's achieved FLOP/s is reported as a share of it
   (MFU), on any backend (on a GPU the 8192^2 product reaches its dense bfloat16 rate), once with
@@ -120,9 +121,9 @@ def matmul_peak(
 def analytic_flops(
   model_config: Any, image_hw: tuple[int, int], batch: int, train: bool = False
 ) -> float | None:
-  """Matrix-multiply FLOPs (2 x multiply-adds) of `batch` images, counted by hand
-  (`models.flops`): ViT, hybrid, Mixer and ResNet; None for other families. Training is counted as 3x the forward
-  pass (backward = 2x forward), the usual rule."""
+  """FLOPs (2 x multiply-adds) of the matrix products and convolutions of `batch` images, counted
+  by hand (`models.flops`): ViT, hybrid, Mixer and ResNet; None for other families. Training is
+  counted as 3x the forward pass (backward = 2x forward), the usual rule."""
   per_image = flops.forward_flops(model_config, image_hw)
   if per_image is None:
     return None

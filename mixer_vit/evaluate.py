@@ -20,8 +20,8 @@ per image) on ``--holdout_split`` of the training data (default its last 5,000 e
 (``models.dvt_adaptive``). ``--baseline`` evaluates other checkpoints (single models: ViT,
 hybrid, Mixer or ResNet) on the same split beside the sweep, with their FLOPs per image
 (``models.flops``); ``--out`` draws the sweep, each stage alone and the baselines as accuracy
-against FLOPs per image into a PNG, under the output rules of ``mixer_vit.cli`` (an existing file is replaced only with ``--overwrite``
-and only when it is an earlier picture of ours).
+against FLOPs per image into a PNG, under the output rules of ``mixer_vit.cli`` (an existing file
+is replaced only with ``--overwrite`` and only when it is an earlier picture of ours).
 
 It is the trainer's own evaluation: ``data.make_eval_iterator`` (every example of the split once,
 padding rows masked out) and ``steps.make_eval_step`` / ``steps.evaluate``, data parallel over all
