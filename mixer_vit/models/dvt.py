@@ -23,8 +23,7 @@ cascade on the images still in play).
 
 FLOPs (`stage_flops`, `reuse_flops`, `exit_flops`): 2 x multiply-adds of the matrix products and
 convolutions: a stage as `models.flops` counts a ViT or hybrid, plus the reuse MLPs and the
-resampling products. Norms,
-softmax and activations are not counted.
+resampling products. Norms, softmax and activations are not counted.
 """
 
 from __future__ import annotations

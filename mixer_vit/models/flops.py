@@ -1,11 +1,11 @@
-"""Matrix-multiply FLOPs of one forward pass on one image, counted by hand.
+"""FLOPs of one forward pass on one image, counted by hand.
 
 FLOPs are 2 x multiply-adds of the matrix products and convolutions: a hybrid's or a ResNet's
 convolutions, patch embedding, q/k/v/out projections, attention scores and mixing, MLPs (or a
-Mixer's token- and channel-mixing MLPs), the pooling head and the classifier. Norms, softmax, activations and biases are not counted; XLA's own count of a
-compiled model is a little above (``mixer_vit.benchmark`` reports both). One count
-serves the benchmark's throughput figures and the Dynamic ViT cascade's cost per image
-(``models.dvt``).
+Mixer's token- and channel-mixing MLPs), the pooling head and the classifier. Norms, softmax,
+activations and biases are not counted; XLA's own count of a compiled model is a little above
+(``mixer_vit.benchmark`` reports both). One count serves the benchmark's throughput figures and
+the Dynamic ViT cascade's cost per image (``models.dvt``).
 """
 
 from __future__ import annotations
